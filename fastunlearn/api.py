@@ -1,0 +1,233 @@
+"""``erase()``: validate the inputs, resolve defaults, run the method, return a ``Result``.
+
+Everything the user passes is checked before any work starts; errors name the argument and what
+was expected. The input model is deep-copied, never modified.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import __version__
+from .errors import bad_type, bad_value, MissingFileError
+from .methods import REGISTRY, get_method
+from .models import Denoiser
+from .result import Result
+from .run import Run
+from .targets import Classes, Concept, DataPoints
+from .train import OPTIMIZERS, make_optimizer, train
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+ATTENTIONS = ("sdpa", "xformers")
+
+
+def _target_kind(target) -> str:
+    if isinstance(target, DataPoints):
+        return "datapoints"
+    if isinstance(target, Classes):
+        return "classes"
+    if isinstance(target, Concept):
+        return "concept"
+    raise bad_type("forget", "fu.Classes, fu.DataPoints or fu.Concept", target)
+
+
+def default_method(forget, retain) -> str:
+    """DataPoints → SISS; classes with retain data → EraseDiff; classes or concepts without data → ESD."""
+    kind = _target_kind(forget)
+    if kind == "datapoints":
+        choice = "siss"
+    elif kind == "classes" and isinstance(retain, DataPoints):
+        choice = "erasediff"
+    else:
+        choice = "esd"
+    if choice not in REGISTRY:
+        raise bad_value("method", f"one of {sorted(REGISTRY)} (the default for this target, {choice!r}, "
+                        "is not available)", None)
+    return choice
+
+
+def resolve_model(model, scheduler):
+    """(denoiser module, scheduler, extras) from a diffusers model, a pipeline, or a local folder."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+
+    if isinstance(model, (str, Path)):
+        folder = Path(model)
+        if not folder.exists():
+            raise MissingFileError(f"model: {str(folder)!r} does not exist (fastunlearn never downloads models)")
+        if (folder / "fastunlearn.json").exists():
+            from .result import load
+            res = load(folder)
+            return res.model, scheduler or res.scheduler, {}
+        unet_dir = folder / "unet" if (folder / "unet" / "config.json").exists() else folder
+        if not (unet_dir / "config.json").exists():
+            raise MissingFileError(f"model: {str(folder)!r} has no config.json (expected a diffusers model folder)")
+        import json
+        import diffusers
+        cls_name = json.loads((unet_dir / "config.json").read_text()).get("_class_name")
+        cls = getattr(diffusers, str(cls_name), None)
+        if cls not in (UNet2DModel, UNet2DConditionModel):
+            raise bad_value("model", "a folder of a UNet2DModel or UNet2DConditionModel", cls_name)
+        unet = cls.from_pretrained(unet_dir, use_safetensors=True)
+        if scheduler is None:
+            sched_dir = folder / "scheduler" if (folder / "scheduler").is_dir() else folder
+            if (sched_dir / "scheduler_config.json").exists():
+                scheduler = DDPMScheduler.from_pretrained(sched_dir)
+        model = unet
+    pipe_resolver = _pipeline_resolver()
+    if pipe_resolver is not None and pipe_resolver.is_pipeline(model):
+        return pipe_resolver.resolve(model, scheduler)
+    if not isinstance(model, (UNet2DModel, UNet2DConditionModel)):
+        raise bad_type("model", "a diffusers UNet2DModel / UNet2DConditionModel, a pipeline, or a local path", model)
+    if scheduler is None:
+        raise bad_value("scheduler", "a diffusers noise scheduler (needed with a bare UNet; "
+                        "fu.zoo.digits() returns one)", None)
+    if not hasattr(scheduler, "alphas_cumprod") or not hasattr(scheduler, "config"):
+        raise bad_type("scheduler", "a diffusers noise scheduler with alphas_cumprod (e.g. DDPMScheduler)", scheduler)
+    return model, scheduler, {}
+
+
+def _pipeline_resolver():
+    try:
+        from . import pipelines
+        return pipelines
+    except ImportError:
+        return None
+
+
+def _check_int(name, value, lo=1):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_type(name, "an int", value)
+    if value < lo:
+        raise bad_value(name, f"an int >= {lo}", value)
+
+
+def _prepare_data(name: str, target, den: Denoiser):
+    """DataPoints → (x0 tensor on CPU, conditioning) after checking them against the model."""
+    if target is None:
+        return None
+    if not isinstance(target, DataPoints):
+        return None
+    shape = den.sample_shape
+    if tuple(target.images.shape[1:2]) != shape[:1]:
+        raise bad_value(f"{name}.images", f"{shape[0]} channel(s) to match the model", tuple(target.images.shape))
+    if den.kind == "class":
+        if target.labels is None:
+            raise bad_value(f"{name}.labels", "class labels for a class-conditional model", None)
+        k = den.num_classes
+        if (target.labels >= k).any():
+            raise bad_value(f"{name}.labels", f"class ids in [0, {k})", int(target.labels.max()))
+        return target.images.float(), target.labels.clone()
+    if den.kind == "text":
+        if target.prompts is None:
+            raise bad_value(f"{name}.prompts", "one prompt per image for a text-conditional model", None)
+        return target.images.float(), list(target.prompts)
+    return target.images.float(), None
+
+
+def erase(model, forget, retain=None, method: Optional[str] = None, scheduler=None, steps: Optional[int] = None,
+          batch_size: Optional[int] = None, lr: Optional[float] = None, seed: int = 0,
+          lora_rank: Optional[int] = None, precision=None, optimizer=None, gradient_checkpointing=None,
+          attention=None, compile=None, resolution=None, output_dir=None, checkpoint_every=None, resume=False,
+          progress: bool = True, **method_options) -> Result:
+    """Make ``model`` forget ``forget`` while keeping ``retain``; see the README for the full contract."""
+    # ---------------------------------------------------------------- validate everything first
+    kind = _target_kind(forget)
+    if method is None:
+        method = default_method(forget, retain)
+    cls = get_method(method)
+    if kind not in cls.targets:
+        raise bad_value("forget", f"a target method {method!r} takes ({', '.join(cls.targets)})",
+                        type(forget).__name__)
+    if retain is not None and not isinstance(retain, (DataPoints, Classes, list, tuple, Concept)):
+        raise bad_type("retain", "fu.DataPoints, fu.Classes, a list of prompts or None", retain)
+    if cls.needs_retain and not isinstance(retain, DataPoints):
+        raise bad_value("retain", f"fu.DataPoints of what to keep (method {method!r} needs retain data)",
+                        type(retain).__name__ if retain is not None else None)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise bad_type("seed", "an int", seed)
+    for name, v in (("steps", steps), ("batch_size", batch_size)):
+        if v is not None:
+            _check_int(name, v)
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or lr != lr):
+        raise bad_value("lr", "a positive number", lr)
+    if lora_rank is not None:
+        _check_int("lora_rank", lora_rank)
+    if precision is not None and precision not in PRECISIONS:
+        raise bad_value("precision", " | ".join(PRECISIONS), precision)
+    if optimizer is not None and optimizer not in OPTIMIZERS:
+        raise bad_value("optimizer", " | ".join(OPTIMIZERS), optimizer)
+    if attention is not None and attention not in ATTENTIONS:
+        raise bad_value("attention", " | ".join(ATTENTIONS), attention)
+    if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise bad_value("output_dir", "a folder path", str(output_dir))
+    if checkpoint_every is not None:
+        _check_int("checkpoint_every", checkpoint_every)
+        if output_dir is None:
+            raise bad_value("output_dir", "a folder (checkpoint_every needs somewhere to write)", None)
+    if resume and output_dir is None:
+        raise bad_value("output_dir", "the folder of the run to resume", None)
+    opts = cls.resolve_options(method_options)
+
+    unet, scheduler, extras = resolve_model(model, scheduler)
+    den = Denoiser(unet)
+    if isinstance(forget, Classes):
+        if den.kind != "class":
+            raise bad_value("forget", "fu.Classes only for a class-conditional model (num_class_embeds)",
+                            type(unet).__name__)
+        bad = [c for c in forget.ids if c >= den.num_classes]
+        if bad or (forget.override is not None and forget.override >= den.num_classes):
+            raise bad_value("forget", f"class ids in [0, {den.num_classes})", bad or forget.override)
+    forget_data = _prepare_data("forget", forget, den)
+    retain_data = _prepare_data("retain", retain, den)
+    if cls.needs_forget_data and forget_data is None:
+        raise bad_value("forget", f"fu.DataPoints (method {method!r} needs the images to forget)", type(forget).__name__)
+
+    d = cls.defaults
+    steps = steps or d.get("steps", 100)
+    batch_size = batch_size or d.get("batch_size", 16)
+    lr = lr or d.get("lr", 1e-4)
+    optimizer = optimizer or d.get("optimizer", "adamw")
+
+    # ---------------------------------------------------------------- run
+    t_start = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    run = Run(unet, scheduler, forget=forget_data, retain=retain_data, forget_target=forget, retain_target=retain,
+              batch_size=batch_size, seed=seed, lora_rank=lora_rank, encode_prompts=extras.get("encode_prompts"),
+              trainable=getattr(cls, "trainable_filter", lambda opts: None)(opts))
+    m = cls(run, **opts)
+    m.setup()
+    params = m.trainable_parameters()
+    opt = make_optimizer(optimizer, params, lr, betas=d.get("betas", (0.9, 0.999)),
+                         weight_decay=d.get("weight_decay", 0.0), eps=d.get("eps", 1e-8))
+    history = train(m, opt, steps, seed, progress=progress)
+    seconds = time.perf_counter() - t_start
+    meta = {
+        "fastunlearn_version": __version__, "torch_version": torch.__version__, "python": platform.python_version(),
+        "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "optimizer": optimizer,
+        "lora_rank": lora_rank, "seconds": round(seconds, 3), "peak_memory_bytes": _peak_memory(run.device),
+        "forget": repr(forget)[:500], "skipped_steps": sum(1 for h in history if h.get("skipped")),
+    }
+    try:
+        import diffusers
+        meta["diffusers_version"] = diffusers.__version__
+    except Exception:  # pragma: no cover
+        pass
+    result = Result(model=run.model.eval(), scheduler=scheduler, method=method, options=opts, history=history,
+                    meta=meta, extras=extras)
+    finish = getattr(m, "finish", None)
+    if finish is not None:
+        finish(result)
+    return result
+
+
+def _peak_memory(device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB

@@ -1,0 +1,120 @@
+"""Plain PyTorch reference of every loss in fastunlearn.
+
+This module is the oracle: the Triton kernels (``fastunlearn.kernels``) are tested against these
+functions, the benchmarks import them, and on CPU the methods run them (see ``fastunlearn.ops``).
+Each function names the spec section (``shared/spec/methods.md``) it implements.
+
+Reductions follow the spec's convention, which the hyperparameters depend on:
+SUM over the per-sample dimensions D and mean over the batch for SISS and its baselines (§1, §2),
+MEAN over B·D for EraseDiff and ESD (§4, §6).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Exponents are clamped here before exp(): fp32 overflows at 88.7 (§2.7).
+_EXP_CLAMP = 80.0
+
+
+def _bview(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample scalars [B] broadcast against [B, ...]."""
+    return v.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def sum_dims(x: torch.Tensor) -> torch.Tensor:
+    """Sum over every non-batch dimension, accumulated in fp32."""
+    return x.float().flatten(1).sum(1)
+
+
+# --------------------------------------------------------------------------------------------- SISS
+def siss_delta(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor, gamma: torch.Tensor,
+               sigma: torch.Tensor) -> torch.Tensor:
+    """Δ = d_x − d_a = log q(m|a) − log q(m|x) without catastrophic cancellation (§2.7):
+
+        Δ = (γ / (2σ²)) · Σ_d (x_d − a_d)(γ (x_d + a_d) − 2 m_d)
+
+    d_x and d_a are each ~D/2; their difference is computed as one fp32 reduction."""
+    x, a, m = x.float(), a.float(), m.float()
+    g = _bview(gamma.float(), x)
+    s = sum_dims((x - a) * (g * (x + a) - 2.0 * m))
+    return gamma.float() * s / (2.0 * sigma.float() ** 2)
+
+
+def siss_weights(delta: torch.Tensor, lambd: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Importance weights in the overflow-free sigmoid form (§2.7), with z = Δ + log λ − log(1−λ):
+
+        w_x = sigmoid(−z)/(1−λ),   w_a = sigmoid(z)/λ,   (1−λ) w_x + λ w_a = 1.
+
+    λ = 0 gives w_x ≡ 1, w_a = e^Δ; λ = 1 gives w_x = e^{−Δ}, w_a ≡ 1 (exponents clamped to ±80)."""
+    delta = delta.float()
+    if lambd <= 0.0:
+        return torch.ones_like(delta), torch.exp(delta.clamp(-_EXP_CLAMP, _EXP_CLAMP))
+    if lambd >= 1.0:
+        return torch.exp((-delta).clamp(-_EXP_CLAMP, _EXP_CLAMP)), torch.ones_like(delta)
+    z = delta + (math.log(lambd) - math.log1p(-lambd))
+    return torch.sigmoid(-z) / (1.0 - lambd), torch.sigmoid(z) / lambd
+
+
+def siss_mixture(x: torch.Tensor, a: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor,
+                 gamma: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """m = γ·(mask ? x : a) + σ ε: the keep component where ``mask`` is True (§2.2)."""
+    clean = torch.where(_bview(mask, x), x, a)
+    return _bview(gamma, x).to(x.dtype) * clean + _bview(sigma, x).to(x.dtype) * noise
+
+
+def siss_loss(pred: torch.Tensor, x: torch.Tensor, a: torch.Tensor, noise: torch.Tensor,
+              mask: torch.Tensor, gamma: torch.Tensor, sigma: torch.Tensor, lambd: float):
+    """The two importance-weighted SISS losses from one forward on the mixture batch (§2.2):
+
+        ε_x = (m − γx)/σ,  ε_a = (m − γa)/σ
+        ℓ_x = (1/B) Σ_b w_x[b] Σ_d (ε̂ − ε_x)²,   ℓ_a = (1/B) Σ_b w_a[b] Σ_d (ε̂ − ε_a)²
+
+    The weights are computed without gradient. Returns ``(loss_x, loss_a, w_x, w_a)``."""
+    B = pred.shape[0]
+    with torch.no_grad():
+        m = siss_mixture(x, a, noise, mask, gamma, sigma).float()
+        w_x, w_a = siss_weights(siss_delta(x, a, m, gamma, sigma), lambd)
+        g, s = _bview(gamma.float(), x), _bview(sigma.float(), x)
+        eps_x = (m - g * x.float()) / s
+        eps_a = (m - g * a.float()) / s
+    p = pred.float()
+    loss_x = (w_x * sum_dims((p - eps_x) ** 2)).sum() / B
+    loss_a = (w_a * sum_dims((p - eps_a) ** 2)).sum() / B
+    return loss_x, loss_a, w_x, w_a
+
+
+def siss_loss_float64_direct(pred, x, a, noise, mask, gamma, sigma, lambd):
+    """The official formula (§2.2: raw exp of the two distances) in float64, for tests on small D."""
+    pred, x, a, noise = (t.double() for t in (pred, x, a, noise))
+    gamma, sigma = gamma.double(), sigma.double()
+    g, s = _bview(gamma, x), _bview(sigma, x)
+    m = torch.where(_bview(mask, x), g * x + s * noise, g * a + s * noise)
+    d_x = ((m - g * x) ** 2).flatten(1).sum(1) / (2 * sigma ** 2)
+    d_a = ((m - g * a) ** 2).flatten(1).sum(1) / (2 * sigma ** 2)
+    w_x = 1.0 / ((1 - lambd) + lambd * torch.exp(d_x - d_a))
+    w_a = 1.0 / ((1 - lambd) * torch.exp(d_a - d_x) + lambd)
+    eps_x, eps_a = (m - g * x) / s, (m - g * a) / s
+    B = pred.shape[0]
+    loss_x = (w_x * ((pred - eps_x) ** 2).flatten(1).sum(1)).sum() / B
+    loss_a = (w_a * ((pred - eps_a) ** 2).flatten(1).sum(1)).sum() / B
+    return loss_x, loss_a, w_x, w_a
+
+
+# ------------------------------------------------------------------------------------ plain DSM
+def dsm_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(1/B) Σ_b w_b Σ_d (ε̂ − ε)²: the SUM-convention denoising loss of naive deletion, NegGrad and
+    SISS (No IS) (§3), with optional per-row weights."""
+    per = sum_dims((pred.float() - target.float()) ** 2)
+    if weights is not None:
+        per = per * weights.float()
+    return per.sum() / pred.shape[0]
+
+
+def mse_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """MEAN-convention loss of EraseDiff and ESD (§4, §6): Σ_b w_b mean_d (ε̂ − target)² / B."""
+    per = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    if weights is not None:
+        per = per * weights.float()
+    return per.sum() / pred.shape[0]

@@ -1,0 +1,98 @@
+"""The interface every method implements, and the small registry behind ``erase(method=...)``.
+
+A method is a class that declares what it accepts (``targets``), whether it needs retain data, its
+defaults and its options (named after the papers), builds its trainable state in ``setup`` and writes
+the gradients of one optimizer step into ``p.grad`` in ``step``. The training loop
+(``fastunlearn.train``) owns the optimizer, progress, checkpoints and numerical guards.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, Optional
+
+import torch
+
+from ..errors import bad_type, bad_value
+
+REGISTRY: Dict[str, type] = {}
+
+
+def register(cls):
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str):
+    if not isinstance(name, str) or name not in REGISTRY:
+        raise bad_value("method", " | ".join(sorted(REGISTRY)), name)
+    return REGISTRY[name]
+
+
+@dataclass
+class Batch:
+    """Clean samples and their conditioning (class ids, prompt embeddings or None)."""
+
+    x0: torch.Tensor
+    cond: Any = None
+
+
+class Method:
+    name: ClassVar[str] = ""
+    targets: ClassVar[tuple] = ()          # target kinds accepted: "datapoints", "classes", "concept"
+    needs_retain: ClassVar[bool] = False
+    needs_forget_data: ClassVar[bool] = False  # images of what to forget are required
+    defaults: ClassVar[dict] = {}           # steps, batch_size, lr, optimizer betas/weight decay
+    options: ClassVar[dict] = {}            # method options and their defaults
+    description: ClassVar[str] = ""
+
+    def __init__(self, run, **options):
+        self.run = run
+        self.opts = self.resolve_options(options)
+
+    @classmethod
+    def resolve_options(cls, options: dict) -> dict:
+        unknown = sorted(set(options) - set(cls.options))
+        if unknown:
+            raise bad_value(f"{unknown[0]}", f"an option of method {cls.name!r}: "
+                            + (", ".join(sorted(cls.options)) or "(none)"), options[unknown[0]])
+        merged = {**cls.options, **options}
+        cls.validate_options(merged)
+        return merged
+
+    @classmethod
+    def validate_options(cls, opts: dict) -> None:
+        """Raise a clear error for a bad option value; called before any work starts."""
+
+    def setup(self) -> None:
+        """Build roles and choose the trainable parameters."""
+
+    def trainable_parameters(self) -> list:
+        raise NotImplementedError
+
+    def step(self, step: int, gen: torch.Generator) -> dict:
+        """Write this step's gradients into ``p.grad``; return scalar diagnostics for the history."""
+        raise NotImplementedError
+
+    # Methods with extra trained roles (SFD) keep them in these hooks so checkpoints and results see them.
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def check_positive_float(name: str, value, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad_type(name, "a number", value)
+    if value < 0 or (value == 0 and not allow_zero) or value != value:
+        raise bad_value(name, "a non-negative number" if allow_zero else "a positive number", value)
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise bad_value(name, " | ".join(map(str, choices)), value)
+
+
+def check_unit_interval(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value <= 1.0):
+        raise bad_value(name, "a number in [0, 1]", value)

@@ -1,0 +1,109 @@
+"""The state one unlearning run shares between ``erase()``, the method and the training loop."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+
+from .methods.base import Batch
+from .models import Denoiser
+
+
+class Run:
+    """Holds the student denoiser (a copy of the user's model), the scheduler's γ_t/σ_t, the forget and
+    retain data as tensors, and the per-run settings. Methods draw batches through it so that every
+    random choice comes from the per-step generator (exact resume)."""
+
+    def __init__(self, model: torch.nn.Module, scheduler, *, forget, retain, forget_target, retain_target,
+                 batch_size: int, seed: int, lora_rank: Optional[int] = None, lora_alpha: Optional[float] = None,
+                 lora_targets=None, trainable=None, encode_prompts=None):
+        self.original = model
+        self.model = copy.deepcopy(model)  # the user's model is never modified
+        self.model.train()
+        self.scheduler = scheduler
+        self.batch_size = batch_size
+        self.seed = seed
+        self.forget_target = forget_target
+        self.retain_target = retain_target
+        self.encode_prompts = encode_prompts
+        self.lora_rank = lora_rank
+        p = next(self.model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        ac = scheduler.alphas_cumprod.double()
+        self._gamma = ac.sqrt().float()
+        self._sigma = (1.0 - ac).sqrt().float()
+        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+        self.forget = forget  # (x0 [N, ...] or None, cond or None)
+        self.retain = retain
+        if lora_rank is not None:
+            from .lora import add_lora
+            add_lora(self.model, lora_rank, lora_alpha, lora_targets)
+        else:
+            self.model.requires_grad_(False)
+            for name, param in self.model.named_parameters():
+                if trainable is None or trainable(name):
+                    param.requires_grad_(True)
+        self.denoiser = Denoiser(self.model)
+
+    # ------------------------------------------------------------------ parameters
+    def trainable_parameters(self) -> list:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def named_trainable(self) -> dict:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    # ------------------------------------------------------------------ schedule
+    def gamma_sigma(self, t: torch.Tensor):
+        return self._gamma[t.cpu()], self._sigma[t.cpu()]
+
+    @staticmethod
+    def bview(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+    # ------------------------------------------------------------------ data
+    @staticmethod
+    def _take(data, idx) -> Batch:
+        x0, cond = data
+        return Batch(x0[idx], _index_cond(cond, idx))
+
+    def forget_batch(self, gen: torch.Generator, n: int) -> Batch:
+        x0 = self.forget[0]
+        return self._take(self.forget, torch.randint(0, x0.shape[0], (n,), generator=gen))
+
+    def retain_batch(self, gen: torch.Generator, n: int) -> Batch:
+        x0 = self.retain[0]
+        return self._take(self.retain, torch.randint(0, x0.shape[0], (n,), generator=gen))
+
+    def to_device(self, *items):
+        out = []
+        for it in items:
+            if isinstance(it, Batch):
+                out.append(Batch(it.x0.to(self.device), _to(it.cond, self.device)))
+            else:
+                out.append(_to(it, self.device))
+        return out
+
+
+def _index_cond(cond: Any, idx):
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return cond[idx]
+    if isinstance(cond, dict):
+        return {k: _index_cond(v, idx) for k, v in cond.items()}
+    raise TypeError(f"unsupported conditioning {type(cond).__name__}")
+
+
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """Every random draw of step ``step`` comes from this generator: resuming at any step replays the
+    same data order, timesteps and noise without saving sampler state."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63 - 1))

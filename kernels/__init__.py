@@ -1,0 +1,1 @@
+"""Triton kernels of fastunlearn, installed as ``fastunlearn.kernels`` (never a bare ``kernels``)."""

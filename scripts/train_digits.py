@@ -1,0 +1,135 @@
+"""Train the models bundled in ``fastunlearn/zoo`` on scikit-learn's digits (CPU, a few minutes).
+
+* ``digits``: class-conditional UNet2DModel (labels 0..9, null label 10 via 10% label dropout);
+* ``digits_outlier``: unconditional UNet2DModel on the digits plus many copies of one outlier
+  image (a "T" glyph), so that the model memorises it: the data-unlearning test bed (SISS);
+* ``classifier.safetensors``: a CNN that judges generated digits (trained on real digits).
+
+    python scripts/train_digits.py            # writes fastunlearn/zoo/...
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from fastunlearn.classifier import DigitsClassifier
+from fastunlearn.datasets import digits_tensors
+from fastunlearn.models import DIGITS_NULL_CLASS, build_digits_unet, digits_scheduler
+from fastunlearn.zoo import ZOO, outlier_image
+
+OUTLIER_COPIES = 90  # ~5% of the training set: enough that the plain model reproduces it
+
+
+def train_unet(images, labels, class_conditional, steps, batch, seed, log):
+    torch.manual_seed(seed)
+    unet = build_digits_unet(class_conditional)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    sched = digits_scheduler()
+    ac = sched.alphas_cumprod
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
+    lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    n = images.shape[0]
+    t0 = time.time()
+    for step in range(steps):
+        idx = torch.randint(0, n, (batch,))
+        x0 = images[idx]
+        t = torch.randint(0, 1000, (batch,))
+        eps = torch.randn_like(x0)
+        g = ac[t].sqrt().view(-1, 1, 1, 1)
+        s = (1 - ac[t]).sqrt().view(-1, 1, 1, 1)
+        x_t = g * x0 + s * eps
+        if class_conditional:
+            y = labels[idx].clone()
+            y[torch.rand(batch) < 0.1] = DIGITS_NULL_CLASS
+            pred = unet(x_t, t, class_labels=y).sample
+        else:
+            pred = unet(x_t, t).sample
+        loss = F.mse_loss(pred, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        lr_sched.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        if step % 500 == 0 or step == steps - 1:
+            log(f"  step {step:5d} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    return ema
+
+
+def train_classifier(images, labels, seed, log):
+    torch.manual_seed(seed)
+    perm = torch.randperm(images.shape[0])
+    n_test = 300
+    test, train = perm[:n_test], perm[n_test:]
+    clf = DigitsClassifier()
+    opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
+
+    def fit(idx, epochs):
+        for _ in range(epochs):
+            for b in idx[torch.randperm(len(idx))].split(64):
+                x = images[b] + 0.1 * torch.randn_like(images[b])  # robustness to sampler noise
+                loss = F.cross_entropy(clf(x.clamp(-1, 1)), labels[b])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+
+    fit(train, 40)
+    clf.eval()
+    with torch.no_grad():
+        acc = (clf(images[test]).argmax(1) == labels[test]).float().mean().item()
+    log(f"  classifier held-out accuracy {acc:.4f} on {n_test} real digits")
+    return clf, acc
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--out", type=Path, default=ZOO)
+    ap.add_argument("--only", choices=["digits", "outlier", "classifier"], default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    images, labels = digits_tensors()
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta_path = args.out / "training.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+
+    if args.only in (None, "classifier"):
+        print("classifier")
+        clf, acc = train_classifier(images, labels, 0, print)
+        save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(args.out / "classifier.safetensors"))
+        meta["classifier"] = {"held_out_accuracy": acc, "epochs": 40}
+    if args.only in (None, "digits"):
+        print("class-conditional digits UNet")
+        t0 = time.time()
+        unet = train_unet(images, labels, True, args.steps, args.batch, 0, print)
+        unet.save_pretrained(args.out / "digits")
+        digits_scheduler().save_pretrained(args.out / "digits")
+        meta["digits"] = {"steps": args.steps, "batch": args.batch, "seconds": round(time.time() - t0)}
+    if args.only in (None, "outlier"):
+        print("unconditional digits UNet with a memorised outlier")
+        t0 = time.time()
+        out = outlier_image()
+        imgs = torch.cat([images, out.expand(OUTLIER_COPIES, -1, -1, -1)])
+        unet = train_unet(imgs, None, False, args.steps, args.batch, 1, print)
+        unet.save_pretrained(args.out / "digits_outlier")
+        digits_scheduler().save_pretrained(args.out / "digits_outlier")
+        meta["digits_outlier"] = {"steps": args.steps, "batch": args.batch, "outlier_copies": OUTLIER_COPIES,
+                                  "seconds": round(time.time() - t0)}
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
