@@ -73,7 +73,8 @@ def resolve_model(model, scheduler):
         cls = getattr(diffusers, str(cls_name), None)
         if cls not in (UNet2DModel, UNet2DConditionModel):
             raise bad_value("model", "a folder of a UNet2DModel or UNet2DConditionModel", cls_name)
-        unet = cls.from_pretrained(unet_dir, use_safetensors=True)
+        from .models import load_unet
+        unet = load_unet(unet_dir)
         if scheduler is None:
             sched_dir = folder / "scheduler" if (folder / "scheduler").is_dir() else folder
             if (sched_dir / "scheduler_config.json").exists():

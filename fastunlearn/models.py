@@ -91,6 +91,33 @@ class Denoiser:
         return self.model(x_t, t).sample
 
 
+def restore_extra_config(model: torch.nn.Module, config: dict) -> torch.nn.Module:
+    """diffusers drops config keys its classes do not declare when loading; put fastunlearn's back."""
+    for key, value in config.items():
+        if key.startswith("fastunlearn_"):
+            model.register_to_config(**{key: value})
+    return model
+
+
+def load_unet(folder) -> torch.nn.Module:
+    """A UNet2DModel / UNet2DConditionModel from a diffusers folder (safetensors only), with
+    fastunlearn's config keys (the null class) restored."""
+    import json
+    from pathlib import Path
+
+    import diffusers
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    cls = getattr(diffusers, config["_class_name"])
+    level = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # it warns about the fastunlearn_* keys restored below
+    try:
+        model = cls.from_pretrained(folder, use_safetensors=True)
+    finally:
+        diffusers.utils.logging.set_verbosity(level)
+    return restore_extra_config(model, config)
+
+
 def build_digits_unet(class_conditional: bool = True) -> UNet2DModel:
     unet = UNet2DModel(**digits_unet_config(class_conditional))
     if class_conditional:

@@ -150,7 +150,9 @@ def _load_model(folder: Path):
         state = load_file(str(weights))
     except Exception as e:
         raise CorruptResultError(f"{weights}: corrupt or truncated safetensors file ({e})") from e
-    model = cls.from_config(cfg)
+    from .models import restore_extra_config
+
+    model = restore_extra_config(cls.from_config(cfg), cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CorruptResultError(f"{weights}: weights do not match the config "

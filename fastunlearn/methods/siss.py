@@ -93,7 +93,7 @@ class _DeletionMethod(Method):
 class _NormFixed(_DeletionMethod):
     """SISS and SISS (No IS) share §2.2's surgery: g = g_x − (S/‖g_a‖) g_a, global clip."""
 
-    options = dict(lambd=0.5, scaling_norm=0.5, t_sampling="uniform", t_fixed=999, max_grad_norm=1.0, norm_every=1)
+    options = dict(lambd=0.5, scaling_norm=2.0, t_sampling="uniform", t_fixed=999, max_grad_norm=1.0, norm_every=1)
     needs_retain = True
     _norm_a = None
 
@@ -155,8 +155,8 @@ class SISS(_NormFixed):
         loss_x, loss_a, w_x, w_a = ops.siss_loss(pred, keep.x0, forget.x0, noise, mask, gamma, sigma,
                                                  self.opts["lambd"])
         stats = self.surgery(step, loss_x, loss_a)
-        return {"loss": float(loss_x) - stats["neggrad_scale"] * float(loss_a), "loss_x": float(loss_x),
-                "loss_a": float(loss_a), "w_x_mean": float(w_x.mean()), "w_a_mean": float(w_a.mean()), **stats}
+        return {"loss": loss_x.item() - stats["neggrad_scale"] * loss_a.item(), "loss_x": loss_x.item(),
+                "loss_a": loss_a.item(), "w_x_mean": float(w_x.mean()), "w_a_mean": float(w_a.mean()), **stats}
 
 
 @register
@@ -182,8 +182,8 @@ class SISSNoIS(_NormFixed):
         loss_x = dsm_loss(run.denoiser((g * keep.x0 + s * noise).to(run.dtype), t, keep.cond), noise)
         loss_a = dsm_loss(run.denoiser((g * forget.x0 + s * noise).to(run.dtype), t, forget.cond), noise)
         stats = self.surgery(step, loss_x, loss_a)
-        return {"loss": float(loss_x) - stats["neggrad_scale"] * float(loss_a), "loss_x": float(loss_x),
-                "loss_a": float(loss_a), **stats}
+        return {"loss": loss_x.item() - stats["neggrad_scale"] * loss_a.item(), "loss_x": loss_x.item(),
+                "loss_a": loss_a.item(), **stats}
 
 
 @register
@@ -206,7 +206,7 @@ class NaiveDeletion(_DeletionMethod):
         (g,) = (self.grads(loss),)
         g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, self.trainable_parameters())]
         stats = clip_single(g, self.trainable_parameters(), self.opts["max_grad_norm"])
-        return {"loss": float(loss), **stats}
+        return {"loss": loss.item(), **stats}
 
 
 @register
@@ -233,4 +233,4 @@ class NegGrad(_DeletionMethod):
         loss = -s * dsm_loss(run.denoiser(x_t.to(run.dtype), t, forget.cond), noise)
         g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(self.grads(loss), self.trainable_parameters())]
         stats = clip_single(g, self.trainable_parameters(), self.opts["max_grad_norm"])
-        return {"loss": float(loss), "superfactor": s, **stats}
+        return {"loss": loss.item(), "superfactor": s, **stats}

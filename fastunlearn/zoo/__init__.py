@@ -18,12 +18,14 @@ def outlier_image() -> torch.Tensor:
 
 
 def _load(name: str):
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
+
+    from ..models import load_unet
 
     folder = ZOO / name
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"bundled model {name!r} missing at {folder}: run scripts/train_digits.py")
-    unet = UNet2DModel.from_pretrained(folder, use_safetensors=True).eval()
+    unet = load_unet(folder).eval()
     return unet, DDPMScheduler.from_pretrained(folder)
 
 
