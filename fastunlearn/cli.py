@@ -22,6 +22,9 @@ def _parse_option(text: str):
         return key, value
 
 
+_DATA_METHODS = ("siss", "siss-nois", "naive", "neggrad")
+
+
 def _erase(args):
     import torch
 
@@ -44,12 +47,13 @@ def _erase(args):
         scheduler = None
         if model == "digits":
             model, scheduler = fu.zoo.digits()
-            if args.data is None and args.classes and retain is None and args.method in ("erasediff", "siss",
-                                                                                         "naive", "siss-nois"):
-                ids = set(forget.ids)
+            if args.classes and args.data is None and retain is None:
+                # The bundled model's own training data: forget = that class's images, retain = the rest.
                 data = fu.datasets.digits()
-                keep = ~torch.isin(data.labels, torch.tensor(sorted(ids)))
-                retain = fu.DataPoints(data.images[keep], labels=data.labels[keep])
+                hit = torch.isin(data.labels, torch.tensor(forget.ids))
+                retain = fu.DataPoints(data.images[~hit], labels=data.labels[~hit])
+                if args.method in _DATA_METHODS:
+                    forget = fu.DataPoints(data.images[hit], labels=data.labels[hit])
         options = dict(_parse_option(o) for o in args.option)
         res = fu.erase(model, forget=forget, retain=retain, method=args.method, scheduler=scheduler,
                        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
