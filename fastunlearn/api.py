@@ -22,6 +22,8 @@ from .result import Result
 from .run import Run
 from .targets import Classes, Concept, DataPoints
 from .train import OPTIMIZERS, make_optimizer, train
+from . import runtime as _runtime
+from . import validation as _validation
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 ATTENTIONS = ("sdpa", "xformers")
@@ -74,7 +76,14 @@ def resolve_model(model, scheduler):
         if cls not in (UNet2DModel, UNet2DConditionModel):
             raise bad_value("model", "a folder of a UNet2DModel or UNet2DConditionModel", cls_name)
         from .models import load_unet
-        unet = load_unet(unet_dir)
+        if not any(unet_dir.glob("*.safetensors")):
+            raise MissingFileError(f"model: {str(unet_dir)!r} has no .safetensors weights (fastunlearn never loads "
+                                   "pickled .bin/.pt/.ckpt files)")
+        try:
+            unet = load_unet(unet_dir)
+        except Exception as e:
+            from .errors import CorruptResultError
+            raise CorruptResultError(f"model: could not load {str(unet_dir)!r} ({str(e)[:300]})") from e
         if scheduler is None:
             sched_dir = folder / "scheduler" if (folder / "scheduler").is_dir() else folder
             if (sched_dir / "scheduler_config.json").exists():
@@ -135,7 +144,8 @@ def erase(model, forget, retain=None, method: Optional[str] = None, scheduler=No
           batch_size: Optional[int] = None, lr: Optional[float] = None, seed: int = 0,
           lora_rank: Optional[int] = None, precision=None, optimizer=None, gradient_checkpointing=None,
           attention=None, compile=None, resolution=None, output_dir=None, checkpoint_every=None, resume=False,
-          progress: bool = True, **method_options) -> Result:
+          progress: bool = True, tf32=None, max_nonfinite: int = 10, keep_checkpoints: int = 2,
+          **method_options) -> Result:
     """Make ``model`` forget ``forget`` while keeping ``retain``; see the README for the full contract."""
     # ---------------------------------------------------------------- validate everything first
     kind = _target_kind(forget)
@@ -165,6 +175,11 @@ def erase(model, forget, retain=None, method: Optional[str] = None, scheduler=No
         raise bad_value("optimizer", " | ".join(OPTIMIZERS), optimizer)
     if attention is not None and attention not in ATTENTIONS:
         raise bad_value("attention", " | ".join(ATTENTIONS), attention)
+    _runtime.resolve(precision, gradient_checkpointing, attention, compile, tf32)  # validates the switches
+    _runtime.check_resolution(resolution)
+    _validation.check_run_args(seed=seed, steps=steps, batch_size=batch_size, lr=lr, lora_rank=lora_rank,
+                               output_dir=output_dir, checkpoint_every=checkpoint_every, resume=resume,
+                               progress=progress, max_nonfinite=max_nonfinite, keep_checkpoints=keep_checkpoints)
     if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise bad_value("output_dir", "a folder path", str(output_dir))
     if checkpoint_every is not None:
@@ -177,6 +192,7 @@ def erase(model, forget, retain=None, method: Optional[str] = None, scheduler=No
 
     unet, scheduler, extras = resolve_model(model, scheduler)
     den = Denoiser(unet)
+    _validation.check_target_fits(forget, den)
     if isinstance(forget, Classes):
         if den.kind != "class":
             raise bad_value("forget", "fu.Classes only for a class-conditional model (num_class_embeds)",
@@ -194,6 +210,15 @@ def erase(model, forget, retain=None, method: Optional[str] = None, scheduler=No
     batch_size = batch_size or d.get("batch_size", 16)
     lr = lr or d.get("lr", 1e-4)
     optimizer = optimizer or d.get("optimizer", "adamw")
+    ckpt = None  # checkpoints / resume (fastunlearn.checkpoint): checked here, before any work
+    if output_dir is not None and (checkpoint_every is not None or resume):
+        from .checkpoint import Checkpointer, run_fingerprint
+        fingerprint = run_fingerprint(method=method, options=opts, batch_size=batch_size, lr=lr, seed=seed,
+                                      optimizer=optimizer, defaults=d, lora_rank=lora_rank, precision=precision,
+                                      model=unet, forget=forget, forget_data=forget_data, retain=retain,
+                                      retain_data=retain_data)
+        ckpt = Checkpointer.prepare(output_dir, every=checkpoint_every, keep=keep_checkpoints, resume=resume,
+                                    fingerprint=fingerprint, steps=steps)
 
     # ---------------------------------------------------------------- run
     t_start = time.perf_counter()
@@ -202,24 +227,33 @@ def erase(model, forget, retain=None, method: Optional[str] = None, scheduler=No
     run = Run(unet, scheduler, forget=forget_data, retain=retain_data, forget_target=forget, retain_target=retain,
               batch_size=batch_size, seed=seed, lora_rank=lora_rank, encode_prompts=extras.get("encode_prompts"),
               trainable=getattr(cls, "trainable_filter", lambda opts: None)(opts))
+    run.resolution = resolution
     m = cls(run, **opts)
     m.setup()
+    rt = _runtime.resolve(precision, gradient_checkpointing, attention, compile, tf32, model=run.model)
+    applied = _runtime.apply(run, rt)  # after setup: every role's adapter exists and stays fp32
     params = m.trainable_parameters()
     opt = make_optimizer(optimizer, params, lr, betas=d.get("betas", (0.9, 0.999)),
                          weight_decay=d.get("weight_decay", 0.0), eps=d.get("eps", 1e-8))
-    history = train(m, opt, steps, seed, progress=progress)
+    start_step, history = ckpt.restore(run, m, opt) if ckpt is not None else (0, [])
+    history = train(m, opt, steps, seed, start_step=start_step, history=history, progress=progress,
+                    max_nonfinite=max_nonfinite, on_step_end=ckpt.on_step_end if ckpt is not None else None)
+    applied.release()
     seconds = time.perf_counter() - t_start
     meta = {
         "fastunlearn_version": __version__, "torch_version": torch.__version__, "python": platform.python_version(),
         "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "optimizer": optimizer,
-        "lora_rank": lora_rank, "seconds": round(seconds, 3), "peak_memory_bytes": _peak_memory(run.device),
+        "lora_rank": lora_rank, "runtime": rt.as_dict(), "seconds": round(seconds, 3), "peak_memory_bytes": _peak_memory(run.device),
         "forget": repr(forget)[:500], "skipped_steps": sum(1 for h in history if h.get("skipped")),
+        "resumed_from_step": ckpt.resumed_from if ckpt is not None else None,
     }
     try:
         import diffusers
         meta["diffusers_version"] = diffusers.__version__
     except Exception:  # pragma: no cover
         pass
+    from .evaluation import provenance
+    meta.update(provenance(model, unet, forget))  # base_model + forgotten: what `fastunlearn eval DIR` reads
     result = Result(model=run.model.eval(), scheduler=scheduler, method=method, options=opts, history=history,
                     meta=meta, extras=extras)
     finish = getattr(m, "finish", None)

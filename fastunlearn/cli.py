@@ -60,7 +60,7 @@ def _erase(args):
                        lora_rank=args.rank, precision=args.mixed_precision, optimizer="adamw8bit" if args.use_8bit_adam else None,
                        gradient_checkpointing=args.gradient_checkpointing or None,
                        attention="xformers" if args.enable_xformers_memory_efficient_attention else None,
-                       output_dir=args.out if args.checkpoint_every else None,
+                       output_dir=args.out if (args.checkpoint_every or args.resume) else None,
                        checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.no_progress,
                        **options)
         path = res.save(args.result_dir or args.out, overwrite=args.overwrite)

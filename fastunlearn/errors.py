@@ -25,6 +25,21 @@ class NonFiniteError(FastUnlearnError, FloatingPointError):
     """Training kept producing non-finite losses or gradients."""
 
 
+class WriteError(FastUnlearnError, OSError):
+    """An output (result folder, checkpoint) could not be written: full or read-only disk, bad path."""
+
+    def __str__(self):  # the message, not OSError's "[Errno N] strerror: filename" layout
+        return str(self.args[0]) if self.args else super().__str__()
+
+
+def write_error(path, err: OSError, what: str = "result") -> WriteError:
+    """A ``WriteError`` naming ``path`` and the cause; callers have already removed partial output."""
+    reason = err.strerror or str(err) or type(err).__name__
+    e = WriteError(f"{what}: could not write {str(path)!r} ({reason}); nothing partial was left behind")
+    e.errno, e.filename = err.errno, str(path)
+    return e
+
+
 def bad_value(arg: str, expected: str, got=None) -> InvalidArgumentError:
     msg = f"{arg}: expected {expected}"
     if got is not None:

@@ -102,6 +102,20 @@ def siss_loss_float64_direct(pred, x, a, noise, mask, gamma, sigma, lambd):
     return loss_x, loss_a, w_x, w_a
 
 
+# -------------------------------------------------------------------------------- gradient surgery
+def pair_stats(g1, g2) -> tuple[float, float, float]:
+    """(‖g_1‖², ‖g_2‖², ⟨g_1, g_2⟩) over two lists of tensors (§2.8 parameter side, §4.8): per-tensor fp32
+    dot products summed in fp64, read back with one device→host sync."""
+    n1 = n2 = dot = torch.zeros((), dtype=torch.float64, device=g1[0].device if g1 else "cpu")
+    for u, v in zip(g1, g2):
+        u32, v32 = u.float().flatten(), v.float().flatten()
+        n1 = n1 + torch.dot(u32, u32).double()
+        n2 = n2 + torch.dot(v32, v32).double()
+        dot = dot + torch.dot(u32, v32).double()
+    out = torch.stack([n1, n2, dot]).tolist()
+    return out[0], out[1], out[2]
+
+
 # ------------------------------------------------------------------------------------ plain DSM
 def dsm_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """(1/B) Σ_b w_b Σ_d (ε̂ − ε)²: the SUM-convention denoising loss of naive deletion, NegGrad and
@@ -118,3 +132,51 @@ def mse_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | N
     if weights is not None:
         per = per * weights.float()
     return per.sum() / pred.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------- ESD
+def esd_target(eps_from: torch.Tensor, eps_c: torch.Tensor, eps_null: torch.Tensor, eta: float) -> torch.Tensor:
+    """The ESD regression target (§6.1), detached: ε_from − η (ε_c − ε_null), computed in fp32."""
+    with torch.no_grad():
+        return eps_from.float() - eta * (eps_c.float() - eps_null.float())
+
+
+def esd_loss(pred: torch.Tensor, eps_from: torch.Tensor, eps_c: torch.Tensor, eps_null: torch.Tensor,
+             eta: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """ESD (§6.1): MEAN-convention MSE of ε̂ against the detached negative-guidance target,
+    Σ_b w_b mean_d (ε̂ − (ε_from − η(ε_c − ε_null)))² / B. EraseDiff's forget term is the same reduction
+    with a plain target (``mse_loss``)."""
+    return mse_loss(pred, esd_target(eps_from, eps_c, eps_null, eta), weights)
+
+
+# ------------------------------------------------------------------------------------- SFD (SiD)
+_OMEGA_MIN = 1e-5
+
+
+def sid_generator_loss(eps_phi: torch.Tensor, eps_psi: torch.Tensor, e: torch.Tensor, s_t: torch.Tensor,
+                       alpha: float, coef: float = 1.0) -> torch.Tensor:
+    """SiD/SFD generator loss in ε space (§5.6), u = ε_ψ − ε_φ, r = e − ε_φ, s_t = σ_t/γ_t:
+
+        ω_b = sg(s_t · mean_d |r|).clamp_min(1e-5)
+        ℓ_b = s_t² Σ_d u (r − α u) / ω_b          (= s_t Σ u(r − αu)/mean|r| when ω is not clamped)
+        loss = coef · Σ_{finite b} ℓ_b / B
+
+    Rows whose ℓ_b or ω_b is not finite are dropped (they add 0 and receive a zero gradient) but B stays the
+    full batch size, as the official NaN masks (§5.9). Accumulated in fp32 (float64 inputs stay float64, so
+    this also serves as the float64 oracle of the kernel tests). Cotangents (ω constant):
+    ∂/∂ε_ψ = C(r − 2αu), ∂/∂ε_φ = C(−r + (2α−1)u), C = coef·s_t²/(B ω_b)."""
+    B = eps_phi.shape[0]
+    acc = torch.float64 if eps_phi.dtype == torch.float64 else torch.float32
+    phi, psi, e32 = eps_phi.to(acc), eps_psi.to(acc), e.to(acc)
+    s = s_t.detach().to(acc).reshape(-1)
+    with torch.no_grad():
+        r0, u0 = e32 - phi, psi - phi
+        omega = (s * r0.abs().flatten(1).mean(1)).clamp_min(_OMEGA_MIN)
+        finite = torch.isfinite(omega) & torch.isfinite((u0 * (r0 - alpha * u0)).flatten(1).sum(1))
+    keep = _bview(finite, phi)
+    # where() (not multiplication by a mask) so that a NaN row's cotangent is exactly zero
+    phi, psi, e32 = (torch.where(keep, t, torch.zeros_like(t)) for t in (phi, psi, e32))
+    omega = torch.where(finite, omega, torch.ones_like(omega))
+    r, u = e32 - phi, psi - phi
+    per = s * s * (u * (r - alpha * u)).flatten(1).sum(1) / omega
+    return coef * per.sum() / B

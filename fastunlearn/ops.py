@@ -29,8 +29,20 @@ def use_triton(t: torch.Tensor) -> bool:
     if choice == "torch":
         return False
     if choice == "triton":
+        if not _triton_available():
+            raise RuntimeError("FASTUNLEARN_KERNELS=triton but triton is not installed; "
+                               "use FASTUNLEARN_KERNELS=torch or auto")
+        if not t.is_cuda and not _interpreting():
+            raise RuntimeError(f"FASTUNLEARN_KERNELS=triton needs CUDA tensors (got a {t.device.type} "
+                               "tensor); on CPU set TRITON_INTERPRET=1 (slow, for tests) or use "
+                               "FASTUNLEARN_KERNELS=torch or auto")
         return True
     return t.is_cuda and _triton_available()
+
+
+def _interpreting() -> bool:
+    """TRITON_INTERPRET=1: Triton runs kernels with numpy on CPU tensors (how the kernel tests run)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 def _triton_available() -> bool:
@@ -54,14 +66,7 @@ def pair_stats(g1: Sequence[torch.Tensor], g2: Sequence[torch.Tensor]) -> tuple[
     if g1 and use_triton(g1[0]):
         from .kernels import surgery as k
         return k.pair_stats(g1, g2)
-    n1 = n2 = dot = torch.zeros((), dtype=torch.float64, device=g1[0].device if g1 else "cpu")
-    for u, v in zip(g1, g2):
-        u32, v32 = u.float().flatten(), v.float().flatten()
-        n1 = n1 + torch.dot(u32, u32).double()
-        n2 = n2 + torch.dot(v32, v32).double()
-        dot = dot + torch.dot(u32, v32).double()
-    out = torch.stack([n1, n2, dot]).tolist()  # one device→host sync
-    return out[0], out[1], out[2]
+    return losses.pair_stats(g1, g2)
 
 
 def sq_norm(g: Sequence[torch.Tensor]) -> float:
@@ -69,3 +74,27 @@ def sq_norm(g: Sequence[torch.Tensor]) -> float:
         return 0.0
     norms = torch._foreach_norm([t.float() for t in g])
     return float(torch.stack(norms).double().pow(2).sum())
+
+
+def sid_generator_loss(eps_phi, eps_psi, e, s_t, alpha: float, coef: float = 1.0) -> torch.Tensor:
+    """SiD/SFD generator loss in ε space (§5.6); see ``losses.sid_generator_loss``."""
+    if use_triton(eps_phi):
+        from .kernels import sfd as k
+        return k.sid_generator_loss(eps_phi, eps_psi, e, s_t, alpha, coef)
+    return losses.sid_generator_loss(eps_phi, eps_psi, e, s_t, alpha, coef)
+
+
+def esd_loss(pred, eps_from, eps_c, eps_null, eta: float, weights=None) -> torch.Tensor:
+    """ESD (§6.1): MEAN-convention MSE against ε_from − η(ε_c − ε_null); see ``losses.esd_loss``."""
+    if use_triton(pred):
+        from .kernels import mse as k
+        return k.esd_loss(pred, eps_from, eps_c, eps_null, eta, weights)
+    return losses.esd_loss(pred, eps_from, eps_c, eps_null, eta, weights)
+
+
+def mse_loss(pred, target, weights=None) -> torch.Tensor:
+    """MEAN-convention MSE of EraseDiff and ESD (§4, §6); see ``losses.mse_loss``."""
+    if use_triton(pred):
+        from .kernels import mse as k
+        return k.mse_loss(pred, target, weights)
+    return losses.mse_loss(pred, target, weights)

@@ -38,7 +38,10 @@ class Run:
         self.retain = retain
         if lora_rank is not None:
             from .lora import add_lora
-            add_lora(self.model, lora_rank, lora_alpha, lora_targets)
+            cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):  # adapters start from `seed`, not the caller's RNG state
+                torch.manual_seed(seed)
+                add_lora(self.model, lora_rank, lora_alpha, lora_targets)
         else:
             self.model.requires_grad_(False)
             for name, param in self.model.named_parameters():

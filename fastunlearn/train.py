@@ -48,6 +48,10 @@ def train(method, optimizer, steps: int, seed: int, *, start_step: int = 0, hist
     params = method.trainable_parameters()
     history = [] if history is None else history
     bad_in_row = 0
+    for h in reversed(history):  # a resumed run continues the streak of skipped steps it was in
+        if not h.get("skipped"):
+            break
+        bad_in_row += 1
     bar = tqdm(range(start_step, steps), initial=start_step, total=steps, disable=not progress,
                desc=desc or method.name, dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 5.0)  # logs and CI get a line every 5 s, not every step

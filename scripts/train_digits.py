@@ -5,7 +5,15 @@
   image (a "T" glyph), so that the model memorises it: the data-unlearning test bed (SISS);
 * ``classifier.safetensors``: a CNN that judges generated digits (trained on real digits).
 
+The benchmark (``fastunlearn bench``) compares unlearning with retraining from scratch without the
+forgotten data. The same recipe (steps, batch, seed, schedule, EMA) trains those reference models:
+
+* ``--only retrain-class --forget-class 3``: ``digits`` without the images of digit 3 (label 3 is never
+  seen, so its embedding stays at its random initialisation);
+* ``--only retrain-outlier``: ``digits_outlier`` without the outlier copies, i.e. the plain digits.
+
     python scripts/train_digits.py            # writes fastunlearn/zoo/...
+    python scripts/train_digits.py --only retrain-class --threads 1    # writes benchmarks/results/retrained/...
 """
 from __future__ import annotations
 
@@ -25,6 +33,12 @@ from fastunlearn.models import DIGITS_NULL_CLASS, build_digits_unet, digits_sche
 from fastunlearn.zoo import ZOO, outlier_image
 
 OUTLIER_COPIES = 90  # ~5% of the training set: enough that the plain model reproduces it
+RETRAINED = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "retrained"
+
+
+def retrained_name(kind: str, forget_class: int = 3) -> str:
+    """Folder name of a retrained-from-scratch reference model (``fastunlearn.bench`` uses the same)."""
+    return f"digits_without_{forget_class}" if kind == "class" else "digits_outlier_without_outlier"
 
 
 def train_unet(images, labels, class_conditional, steps, batch, seed, log):
@@ -96,12 +110,19 @@ def main():
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--out", type=Path, default=ZOO)
-    ap.add_argument("--only", choices=["digits", "outlier", "classifier"], default=None)
+    ap.add_argument("--only", choices=["digits", "outlier", "classifier", "retrain-class", "retrain-outlier"],
+                    default=None)
+    ap.add_argument("--forget-class", type=int, default=3, help="retrain-class: the digit left out")
+    ap.add_argument("--retrained-out", type=Path, default=RETRAINED,
+                    help="where retrain-class / retrain-outlier write their model folder")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     images, labels = digits_tensors()
+    if args.only in ("retrain-class", "retrain-outlier"):
+        retrain(args, images, labels)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     meta_path = args.out / "training.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
@@ -129,6 +150,38 @@ def main():
         meta["digits_outlier"] = {"steps": args.steps, "batch": args.batch, "outlier_copies": OUTLIER_COPIES,
                                   "seconds": round(time.time() - t0)}
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def retrain(args, images, labels):
+    """A reference model trained from scratch without the forgotten data, with the bundled model's recipe
+    and seed (so the only difference to the bundled model is the data)."""
+    if args.only == "retrain-class":
+        keep = labels != args.forget_class
+        name = retrained_name("class", args.forget_class)
+        what = {"base": "digits", "excluded": f"the {int((~keep).sum())} images of digit {args.forget_class}",
+                "forget_class": args.forget_class}
+        print(f"class-conditional digits UNet without digit {args.forget_class}")
+        t0 = time.time()
+        unet = train_unet(images[keep], labels[keep], True, args.steps, args.batch, 0, print)
+    else:
+        name = retrained_name("outlier")
+        what = {"base": "digits_outlier", "excluded": f"the {OUTLIER_COPIES} copies of the outlier image"}
+        print("unconditional digits UNet without the outlier")
+        t0 = time.time()
+        unet = train_unet(images, None, False, args.steps, args.batch, 1, print)
+    seconds = round(time.time() - t0)
+    folder = args.retrained_out / name
+    tmp = folder.with_name(f".{name}.tmp")
+    unet.save_pretrained(tmp)
+    digits_scheduler().save_pretrained(tmp)
+    record = {**what, "steps": args.steps, "batch": args.batch, "seconds": seconds,
+              "threads": torch.get_num_threads(), "recipe": "scripts/train_digits.py:train_unet"}
+    (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    if folder.exists():
+        import shutil
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    print(f"wrote {folder} ({seconds} s)")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,12 @@ def tiny_unet(class_conditional=True, null=True):
 
 
 @pytest.fixture
+def make_tiny_unet():
+    """The ``tiny_unet`` builder as a fixture: under --import-mode=importlib tests cannot import conftest."""
+    return tiny_unet
+
+
+@pytest.fixture
 def tiny():
     from fastunlearn.models import digits_scheduler
 

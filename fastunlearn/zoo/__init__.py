@@ -26,6 +26,7 @@ def _load(name: str):
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"bundled model {name!r} missing at {folder}: run scripts/train_digits.py")
     unet = load_unet(folder).eval()
+    unet.register_to_config(fastunlearn_zoo_name=name)  # erase() records it as base_model "zoo:NAME"
     return unet, DDPMScheduler.from_pretrained(folder)
 
 

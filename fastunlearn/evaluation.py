@@ -1,0 +1,639 @@
+"""``evaluate()`` and ``fastunlearn eval DIR``: one pinned protocol for how much was forgotten and what was kept.
+
+Users of the method repositories cannot reproduce or compare published numbers because the evaluation
+protocol is unclear: classifier versions and thresholds, sample counts, seeds, FID feature extractors
+(ecosystem survey §2, theme #1). Here every number comes from one function whose settings are written into
+the JSON next to the numbers, with the same sampler, seeds and judge for the model before and after.
+
+What is measured, by the kind of model and target:
+
+* Class-conditional models (``fu.Classes``, or ``fu.DataPoints`` with labels): for every class c,
+  ``n_per_class`` DDIM samples drawn with label c (the scheduler turned into DDIM, η = 0, seeded) are
+  judged by the project's digits classifier (``fu.zoo.classifier()``, 98.3% on held-out real digits).
+  The *recognition rate* of c is the fraction the classifier calls c: on the forgotten classes it is the
+  *forget rate* (lower is better), on the others the *retain rate*. The *Fréchet distance* (FD) of class c
+  compares Gaussians fitted to the classifier's penultimate features (``DigitsClassifier.embed``, 128-d)
+  of the samples and of the real images of c (``fu.datasets.digits()``): FID's recipe with a judge that
+  knows digits. FD is biased upward at small n, so compare FDs only at equal ``n_per_class``.
+* Data unlearning (``fu.DataPoints``): the *near-copy rate*, the fraction of samples whose mean squared
+  pixel distance to the nearest forgotten image is below ``metrics.NEAR_COPY_MSE`` (0.1, about a quarter
+  of the distance between two real digits of one class). On unconditional models ``n_samples`` samples
+  are drawn; the others ("the rest") are judged by the *recognisable rate* (the classifier is more than
+  90% sure of some digit) and their pooled FD against all real digits. On class-conditional models the
+  near-copy rate is taken over the samples drawn with the forgotten images' labels, and the class measures
+  above are reported as well.
+* Text-conditional models (with ``fastunlearn.pipelines``): no labelled data maps prompts to classes, so
+  the measure is the *shift* of the concept's noise prediction, ‖ε_after(x_t, c) − ε_before(x_t, c)‖²
+  per element, on held-out noisy inputs, against the same shift for unrelated prompts (lower is better for
+  those: the edit stayed local).
+
+Every evaluation with an output folder writes ``metrics.json`` and ``before_after.png`` (sample grid per
+class, per prompt, or nearest-to-forgotten rows), both atomically. The "before" model of a saved result is
+found through ``fastunlearn.json``: ``erase()`` records ``base_model`` ("zoo:digits" for a bundled model,
+a folder path for a model loaded from disk) and ``forgotten`` (class ids, or the number of images with
+the images themselves when they are small).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .errors import FastUnlearnError, InvalidArgumentError, bad_type, bad_value
+from .metrics import NEAR_COPY_MSE
+
+# Recognisable: the classifier's top softmax probability exceeds this (the SISS outlier test's judge).
+CONFIDENT = 0.9
+# Forgotten images at most this many values are stored inline in fastunlearn.json (128 KiB of float32).
+INLINE_IMAGE_VALUES = 32768
+GRID_PER_ROW = 8
+METRICS_FILE = "metrics.json"
+PICTURE_FILE = "before_after.png"
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def covariance(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    if x.shape[0] < 2:
+        raise bad_value("features", "at least 2 samples for a covariance", x.shape[0])
+    xc = x - x.mean(0, keepdim=True)
+    return xc.T @ xc / (x.shape[0] - 1)
+
+
+def frechet_from_stats(mu1, sigma1, mu2, sigma2) -> float:
+    """‖μ1 − μ2‖² + tr Σ1 + tr Σ2 − 2 tr (Σ1 Σ2)^{1/2}, with tr (Σ1 Σ2)^{1/2} computed as the sum of the square
+    roots of the eigenvalues of the symmetric Σ1^{1/2} Σ2 Σ1^{1/2} (same spectrum, no non-symmetric sqrtm)."""
+    mu1, mu2, sigma1, sigma2 = (torch.as_tensor(v, dtype=torch.float64) for v in (mu1, mu2, sigma1, sigma2))
+    w, v = torch.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (v * w.clamp_min(0).sqrt()) @ v.T
+    m = root1 @ sigma2 @ root1
+    lam = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0)
+    fd = (mu1 - mu2).pow(2).sum() + sigma1.trace() + sigma2.trace() - 2 * lam.sqrt().sum()
+    return float(fd.clamp_min(0))
+
+
+def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets ``x`` [n, d] and ``y`` [m, d] (float64)."""
+    return frechet_from_stats(x.double().mean(0), covariance(x), y.double().mean(0), covariance(y))
+
+
+def nearest_mse(samples: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Per sample: mean squared pixel distance to the nearest of ``images`` (the measure behind
+    ``metrics.near_copy_rate``)."""
+    d = torch.cdist(samples.flatten(1).float(), images.flatten(1).float()).pow(2) / samples[0].numel()
+    return d.min(1).values
+
+
+@torch.no_grad()
+def _judge(classifier, images: torch.Tensor):
+    """(predicted class, top probability, penultimate features) of images in [-1, 1]."""
+    x = images.float().clamp(-1, 1)
+    feats = classifier.embed(x) if hasattr(classifier, "embed") else classifier(x)
+    logits = classifier.head(feats) if hasattr(classifier, "head") else classifier(x)
+    prob = logits.softmax(1)
+    return prob.argmax(1), prob.max(1).values, feats.double()
+
+
+# ------------------------------------------------------------------------------------------------ provenance
+def describe_forget(forget) -> dict:
+    """What was forgotten, for ``fastunlearn.json``: class ids, the concept, or the number of images (and the
+    images themselves, base64 float32, when they hold at most ``INLINE_IMAGE_VALUES`` values)."""
+    from .targets import Classes, Concept, DataPoints
+
+    if isinstance(forget, Classes):
+        return {"kind": "classes", "ids": list(forget.ids), "override": forget.override}
+    if isinstance(forget, Concept):
+        return {"kind": "concept", "prompt": forget.prompt, "anchor": forget.anchor}
+    if isinstance(forget, DataPoints):
+        images = forget.images.detach().float().cpu().contiguous()
+        raw = images.numpy().tobytes()
+        out = {"kind": "datapoints", "n": int(images.shape[0]), "shape": list(images.shape),
+               "sha256": hashlib.sha256(raw).hexdigest()}
+        if forget.labels is not None:
+            labels = [int(v) for v in forget.labels]
+            out["label_counts"] = {str(c): labels.count(c) for c in sorted(set(labels))}
+        if forget.prompts is not None:
+            out["prompts"] = list(dict.fromkeys(forget.prompts))[:50]
+        if images.numel() <= INLINE_IMAGE_VALUES:
+            out["images_float32_base64"] = base64.b64encode(raw).decode("ascii")
+            if forget.labels is not None:
+                out["labels"] = labels  # per image, with the images
+        return out
+    return {"kind": type(forget).__name__}
+
+
+def _decode_images(rec: dict) -> Optional[torch.Tensor]:
+    if "images_float32_base64" not in rec:
+        return None
+    import numpy as np
+
+    arr = np.frombuffer(base64.b64decode(rec["images_float32_base64"]), dtype=np.float32).copy()
+    return torch.from_numpy(arr).view(*rec["shape"])
+
+
+def base_model_ref(model_arg, unet) -> Optional[str]:
+    """How to find the model before unlearning again: "zoo:NAME" when ``unet`` still holds a bundled model's
+    weights, the folder for a model given as a path, else None."""
+    if isinstance(model_arg, (str, Path)):
+        return str(Path(model_arg).resolve())
+    name = getattr(getattr(unet, "config", None), "fastunlearn_zoo_name", None)
+    if name:
+        from . import zoo
+
+        try:
+            ref = zoo._load(name)[0].state_dict()
+        except Exception:
+            ref = None
+        own = unet.state_dict()
+        if ref is not None and ref.keys() == own.keys() and all(
+                torch.equal(ref[k], own[k].detach().cpu()) for k in ref):
+            return f"zoo:{name}"
+        return None  # a bundled model the user changed since loading it
+    folder = getattr(model_arg, "name_or_path", None) or getattr(getattr(model_arg, "config", None),
+                                                                  "_name_or_path", None)
+    if isinstance(folder, str) and folder and Path(folder).is_dir():
+        return str(Path(folder).resolve())
+    return None
+
+
+def provenance(model_arg, unet, forget) -> dict:
+    """The ``fastunlearn.json`` fields ``evaluate`` needs: ``base_model`` and ``forgotten``."""
+    return {"base_model": base_model_ref(model_arg, unet), "forgotten": describe_forget(forget)}
+
+
+# ------------------------------------------------------------------------------------------------ resolving
+def _as_result(obj, scheduler, what: str):
+    """A ``Result`` (and its folder, if it came from one) from a Result, a folder, a model or "zoo:NAME"."""
+    from .result import META_FILE, Result, load
+
+    if isinstance(obj, Result):
+        return obj, None
+    if isinstance(obj, (str, Path)):
+        text = str(obj)
+        if text.startswith("zoo:"):
+            from . import zoo
+
+            name = text[4:]
+            if not (zoo.ZOO / name / "config.json").exists():
+                raise bad_value(what, "zoo:digits | zoo:digits_outlier or a folder", text)
+            unet, sched = zoo._load(name)
+            return Result(model=unet, scheduler=sched, method=None), None
+        folder = Path(obj)
+        if (folder / META_FILE).exists():
+            return load(folder), folder
+        from .api import resolve_model
+
+        unet, sched, extras = resolve_model(folder, scheduler)
+        return Result(model=unet, scheduler=sched, method=None, extras=extras), None
+    if isinstance(obj, torch.nn.Module):
+        from .api import resolve_model
+
+        unet, sched, extras = resolve_model(obj, scheduler)
+        return Result(model=unet, scheduler=sched, method=None, extras=extras), None
+    from .api import _pipeline_resolver
+
+    pipes = _pipeline_resolver()
+    if pipes is not None and pipes.is_pipeline(obj):
+        unet, sched, extras = pipes.resolve(obj, scheduler)
+        return Result(model=unet, scheduler=sched, method=None, extras=extras), None
+    raise bad_type(what, "a Result, a result or model folder, 'zoo:NAME', a diffusers model or a pipeline", obj)
+
+
+def _forget_from_meta(meta: dict):
+    from .targets import Classes, Concept, DataPoints
+
+    rec = meta.get("forgotten") or {}
+    kind = rec.get("kind")
+    if kind == "classes":
+        return Classes(list(rec["ids"]), override=rec.get("override"))
+    if kind == "concept":
+        return Concept(rec["prompt"], anchor=rec.get("anchor"))
+    if kind == "datapoints":
+        images = _decode_images(rec)
+        if images is None:
+            raise InvalidArgumentError(
+                f"forget: the result forgot {rec.get('n')} images too large to store in fastunlearn.json; "
+                "pass them (evaluate(..., forget=fu.DataPoints(...)) or fastunlearn eval --forget-data DIR)")
+        labels = torch.tensor(rec["labels"]) if rec.get("labels") is not None else None
+        return DataPoints(images, labels=labels)
+    return None
+
+
+def _sample(res, n: int, labels, steps: int, seed: int) -> torch.Tensor:
+    """Samples of a result (its one-step generator for SFD) or a plain model (DDIM), in [-1, 1], on CPU."""
+    return res.sample(n, class_labels=labels, num_inference_steps=steps, seed=seed).float().cpu()
+
+
+_BUNDLED_JUDGE = {}
+
+
+def _default_judge(shape, classifier, reference):
+    """(classifier, reference labels, reference features); the bundled pair's features are computed once."""
+    from . import datasets, zoo
+
+    digits_like = tuple(shape) == (1, 8, 8)
+    if classifier is None and not digits_like:
+        raise bad_value("classifier", f"a classifier module for {tuple(shape)} images (with .embed() for "
+                        "features; the bundled one judges 1x8x8 digits)", None)
+    if reference is None and not digits_like:
+        raise bad_value("reference", f"fu.DataPoints of real {tuple(shape)} images (the bundled ones are "
+                        "1x8x8 digits)", None)
+    if classifier is None and reference is None:
+        if not _BUNDLED_JUDGE:
+            clf, ref = zoo.classifier(), datasets.digits()
+            _BUNDLED_JUDGE["judge"] = (clf, ref.labels, _judge(clf, ref.images)[2])
+        return _BUNDLED_JUDGE["judge"]
+    classifier = (classifier or zoo.classifier()).eval()
+    reference = reference if reference is not None else datasets.digits()
+    return classifier, reference.labels, _judge(classifier, reference.images)[2]
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+def evaluate(result, *, before=None, forget=None, scheduler=None, reference=None, classifier=None,
+             n_per_class: int = 100, n_samples: int = 1000, num_inference_steps: int = 50, seed: int = 0,
+             out=None, prompts=None) -> dict:
+    """Measure forgetting and retained quality of ``result`` against the model before unlearning.
+
+    ``result``: a ``Result``, a saved result folder, a diffusers model (with ``scheduler``) or a pipeline.
+    ``before``: the model before unlearning (same kinds, or "zoo:NAME"); None takes ``base_model`` from the
+    result's ``fastunlearn.json`` when there is one; False skips the comparison.
+    ``forget``: what was forgotten (``fu.Classes`` / ``fu.DataPoints`` / ``fu.Concept``); None takes it from
+    the result. ``reference`` (real data for FD) and ``classifier`` default to the bundled digits ones.
+    ``out``: folder for ``metrics.json`` and ``before_after.png``; defaults to ``DIR/eval`` when ``result``
+    is a folder (no files for in-memory results without ``out``). Returns the metrics dict.
+    """
+    report, grid = _evaluate(result, before=before, forget=forget, scheduler=scheduler, reference=reference,
+                             classifier=classifier, n_per_class=n_per_class, n_samples=n_samples,
+                             num_inference_steps=num_inference_steps, seed=seed, prompts=prompts)
+    folder = report.pop("_folder")
+    if out is None and folder is not None:
+        out = folder / "eval"
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        png = _save_picture(out / PICTURE_FILE, grid, report["method"])
+        report["files"] = {"metrics": str(out / METRICS_FILE), "picture": str(png) if png else None}
+        write_json_atomic(out / METRICS_FILE, report)
+    return report
+
+
+def _evaluate(result, *, before=None, forget=None, scheduler=None, reference=None, classifier=None,
+              n_per_class=100, n_samples=1000, num_inference_steps=50, seed=0, prompts=None):
+    """``evaluate`` without the files: (report, picture rows)."""
+    for name, v, lo in (("n_per_class", n_per_class, 2), ("n_samples", n_samples, 2),
+                        ("num_inference_steps", num_inference_steps, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise bad_value(name, f"an int >= {lo}", v)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise bad_type("seed", "an int", seed)
+    t0 = time.perf_counter()
+    res, folder = _as_result(result, scheduler, "result")
+    meta = res.meta or {}
+    if forget is None:
+        forget = _forget_from_meta(meta)
+    before_res = None
+    if before is None and meta.get("base_model"):
+        before = meta["base_model"]
+    if before is not None and before is not False:
+        before_res, _ = _as_result(before, scheduler or res.scheduler, "before")
+
+    from .models import Denoiser
+
+    den = Denoiser(res.model)
+    settings = {"num_inference_steps": num_inference_steps, "seed": seed, "sampler": "DDIM eta=0 (SFD: one-step)",
+                "near_copy_mse": NEAR_COPY_MSE, "confident": CONFIDENT}
+    report = {"method": res.method, "forgotten": _describe_short(forget), "base_model": _ref_text(before),
+              "settings": settings}
+    if den.kind == "text":
+        measured, grid = _evaluate_text(res, before_res, forget, prompts, seed, settings)
+    else:
+        clf, ref_labels, ref_feats = _default_judge(den.sample_shape, classifier, reference)
+        settings["classifier"] = "fastunlearn.zoo.classifier" if classifier is None else type(classifier).__name__
+        settings["fd_features"] = "classifier penultimate features (embed)"
+        if den.kind == "class":
+            settings["n_per_class"] = n_per_class
+            measured, grid = _evaluate_classes(res, before_res, forget, clf, ref_labels, ref_feats, n_per_class,
+                                               num_inference_steps, seed, den.num_classes)
+        else:
+            settings["n_samples"] = n_samples
+            measured, grid = _evaluate_unconditional(res, before_res, forget, clf, ref_feats, n_samples,
+                                                     num_inference_steps, seed)
+    report.update(measured)
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    report["_folder"] = folder
+    return report, grid
+
+
+def _describe_short(forget):
+    if forget is None:
+        return None
+    rec = describe_forget(forget)
+    rec.pop("images_float32_base64", None)
+    rec.pop("labels", None)
+    return rec
+
+
+def _ref_text(before):
+    if before is None or before is False:
+        return None
+    if isinstance(before, (str, Path)):
+        return str(before)
+    return type(before).__name__
+
+
+def _forgotten_classes(forget) -> list:
+    from .targets import Classes, DataPoints
+
+    if isinstance(forget, Classes):
+        return list(forget.ids)
+    if isinstance(forget, DataPoints) and forget.labels is not None:
+        return sorted(set(int(v) for v in forget.labels))
+    return []
+
+
+def _class_measures(res, clf, ref_feats, classes, n_per_class, steps, seed, forget_imgs, forgotten):
+    labels = torch.tensor(classes).repeat_interleave(n_per_class)
+    imgs = _sample(res, labels.numel(), labels, steps, seed)
+    pred, _, feats = _judge(clf, imgs)
+    rec = {c: float((pred[labels == c] == c).float().mean()) for c in classes}
+    fd = {c: frechet_distance(feats[labels == c], ref_feats[c]) for c in classes if c in ref_feats}
+    kept = [c for c in classes if c not in forgotten]
+    m = {"recognition": rec, "fd": fd,
+         "retain_rate": _mean(rec[c] for c in kept), "fd_retain": _mean(fd[c] for c in kept if c in fd)}
+    if forgotten:
+        m["forget_rate"] = _mean(rec[c] for c in forgotten)
+        m["fd_forget"] = _mean(fd[c] for c in forgotten if c in fd)
+    if forget_imgs is not None:
+        mask = torch.isin(labels, torch.tensor(forgotten)) if forgotten else torch.ones_like(labels, dtype=torch.bool)
+        m["near_copy_rate"] = float((nearest_mse(imgs[mask], forget_imgs) < NEAR_COPY_MSE).float().mean())
+    rows = [imgs[labels == c][:GRID_PER_ROW] for c in classes]
+    return m, rows
+
+
+def _evaluate_classes(res, before_res, forget, clf, ref_labels, rf, n_per_class, steps, seed, num_classes):
+    from .metrics import summarize_classes
+    from .targets import DataPoints
+
+    classes = list(range(num_classes))
+    forgotten = _forgotten_classes(forget)
+    if ref_labels is None:
+        raise bad_value("reference.labels", "class labels for a class-conditional model", None)
+    ref_feats = {c: rf[ref_labels == c] for c in classes if int((ref_labels == c).sum()) >= 2}
+    forget_imgs = forget.images.float() if isinstance(forget, DataPoints) else None
+    after, rows_after = _class_measures(res, clf, ref_feats, classes, n_per_class, steps, seed, forget_imgs, forgotten)
+    report = {"kind": "class", "forgotten_classes": forgotten, "after": after}
+    rows_before = None
+    if before_res is not None:
+        report["before"], rows_before = _class_measures(before_res, clf, ref_feats, classes, n_per_class, steps,
+                                                        seed, forget_imgs, forgotten)
+        if forgotten:
+            s = summarize_classes(report["before"]["recognition"], after["recognition"], forgotten)
+            report["retain_ratio_mean"], report["retain_ratio_min"] = s["retain_ratio_mean"], s["retain_ratio_min"]
+    grid = {"before": rows_before, "after": rows_after, "labels": [f"label {c}" for c in classes],
+            "highlight": [classes.index(c) for c in forgotten]}
+    return report, grid
+
+
+def _uncond_measures(res, clf, ref_feats, n, steps, seed, forget_imgs):
+    imgs = _sample(res, n, None, steps, seed)
+    pred, conf, feats = _judge(clf, imgs)
+    m = {}
+    near = torch.zeros(n, dtype=torch.bool)
+    order = torch.arange(n)
+    if forget_imgs is not None:
+        d = nearest_mse(imgs, forget_imgs)
+        near = d < NEAR_COPY_MSE
+        m["near_copy_rate"] = float(near.float().mean())
+        order = d.argsort()
+    rest = ~near
+    m["recognisable_rate"] = float((conf[rest] > CONFIDENT).float().mean()) if rest.any() else 0.0
+    m["fd"] = frechet_distance(feats[rest], ref_feats) if int(rest.sum()) >= 2 else None
+    m["predicted_class_fraction"] = {int(c): float((pred[rest] == c).float().mean()) for c in pred.unique()}
+    k = min(GRID_PER_ROW, n)  # every row of the picture holds k images
+    rows = []
+    if forget_imgs is not None:
+        rows.append(forget_imgs[torch.arange(k) % forget_imgs.shape[0]])
+        rows.append(imgs[order[:k]])
+    rows += [imgs[i * k:(i + 1) * k] for i in range(min(3, n // k))]
+    return m, rows
+
+
+def _evaluate_unconditional(res, before_res, forget, clf, ref_feats, n, steps, seed):
+    from .targets import DataPoints
+
+    forget_imgs = forget.images.float() if isinstance(forget, DataPoints) else None
+    after, rows_after = _uncond_measures(res, clf, ref_feats, n, steps, seed, forget_imgs)
+    report = {"kind": "data" if forget_imgs is not None else "unconditional", "after": after}
+    rows_before = None
+    if before_res is not None:
+        report["before"], rows_before = _uncond_measures(before_res, clf, ref_feats, n, steps, seed, forget_imgs)
+    labels = (["forgotten", "nearest"] if forget_imgs is not None else []) + ["samples"] * min(3, n // min(GRID_PER_ROW, n))
+    grid = {"before": rows_before, "after": rows_after, "labels": labels,
+            "highlight": [0, 1] if forget_imgs is not None else []}
+    return report, grid
+
+
+# ------------------------------------------------------------------------------------------------ text models
+def _evaluate_text(res, before_res, forget, prompts, seed, settings, n_noisy: int = 16):
+    """Concept shift on held-out noisy inputs: mean squared change of ε(x_t, prompt) from before to after,
+    for the forgotten concept and for unrelated prompts (no sampling, no classifier)."""
+    from .models import Denoiser
+    from .targets import Concept
+
+    if before_res is None:
+        raise bad_value("before", "the model before unlearning (a text model has no labelled judge; the measure "
+                        "is the change of the concept's prediction)", None)
+    enc = res.extras.get("encode_prompts") or before_res.extras.get("encode_prompts")
+    if enc is None:
+        raise bad_value("result", "a pipeline result with a text encoder (encode_prompts)", None)
+    concept = forget.prompt if isinstance(forget, Concept) else None
+    if concept is None:
+        raise bad_value("forget", "fu.Concept(prompt) for a text-conditional model", forget)
+    others = list(prompts) if prompts else ["a photo of a dog", "a landscape painting", "a red car"]
+    den_a, den_b = Denoiser(res.model), Denoiser(before_res.model)
+    gen = torch.Generator().manual_seed(10_000 + seed)  # held out: not a seed any method trains with
+    shape = den_a.sample_shape
+    x0 = torch.randn(n_noisy, *shape, generator=gen)
+    t = torch.randint(100, int(res.scheduler.config.num_train_timesteps) - 100, (n_noisy,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    ac = res.scheduler.alphas_cumprod[t].view(-1, *[1] * len(shape)).float()
+    x_t = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
+    p = next(res.model.parameters())
+    x_t, tt = x_t.to(p.device, p.dtype), t.to(p.device)
+
+    @torch.no_grad()
+    def shift(prompt):
+        cond = enc([prompt] * n_noisy)
+        a, b = den_a(x_t, tt, cond).float(), den_b(x_t, tt, cond).float()
+        return float((a - b).pow(2).mean()), (a, b)
+
+    concept_shift, _ = shift(concept)
+    other = {q: shift(q)[0] for q in others}
+    settings.update({"noisy_inputs": n_noisy, "unrelated_prompts": others})
+    report = {"kind": "text", "concept": concept, "concept_shift": concept_shift, "unrelated_shift": other,
+              "unrelated_shift_mean": _mean(other.values()),
+              "locality": concept_shift / max(_mean(other.values()), 1e-12)}
+    grid = None
+    try:
+        k = 4
+        rows_a = [res.sample(k, prompts=q, seed=seed).float().cpu() for q in [concept] + others]
+        rows_b = [before_res.sample(k, prompts=q, seed=seed).float().cpu() for q in [concept] + others]
+        grid = {"before": rows_b, "after": rows_a, "labels": [q[:24] for q in [concept] + others], "highlight": [0]}
+    except FastUnlearnError:
+        pass  # results without a sampler for prompts: numbers only
+    return report, grid
+
+
+# ------------------------------------------------------------------------------------------------ files
+def write_json_atomic(path, obj) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(x):
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    return repr(x)
+
+
+def _save_picture(path: Path, grid, method) -> Optional[Path]:
+    if grid is None:
+        return None
+    from .viz import save_before_after
+
+    title = f"{method or 'model'}: samples before and after unlearning (same seeds)"
+    if grid["before"] is not None:
+        return save_before_after(path, grid["before"], grid["after"], grid["labels"], title=title,
+                                 highlight_rows=grid["highlight"])
+    return _save_after_only(path, grid["after"], grid["labels"], f"{method or 'model'}: samples (no base model "
+                            "to compare with)")
+
+
+def _save_after_only(path: Path, rows, row_labels, title) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = max(r.shape[0] for r in rows)
+    fig, axes = plt.subplots(len(rows), k, figsize=(0.55 * k, 0.6 * len(rows) + 0.6), squeeze=False)
+    for r, row in enumerate(rows):
+        for j in range(k):
+            ax = axes[r][j]
+            ax.axis("off")
+            if j < row.shape[0]:
+                img = ((row[j].float().clamp(-1, 1) + 1) / 2)
+                img = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
+                ax.imshow(img.numpy(), cmap="gray", vmin=0, vmax=1)
+        axes[r][0].text(-0.2, 0.5, row_labels[r], transform=axes[r][0].transAxes, ha="right", va="center",
+                        fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def format_report(r: dict) -> str:
+    """A few human-readable lines of an evaluation."""
+    lines = [f"method: {r.get('method')}   forgotten: {_short(r.get('forgotten'))}   base: {r.get('base_model')}"]
+
+    def pct(v):
+        return "-" if v is None else f"{v:.1%}"
+
+    def num(v):
+        return "-" if v is None else f"{v:.3g}"
+
+    if r["kind"] == "class":
+        cols = ["forget_rate", "retain_rate", "fd_forget", "fd_retain", "near_copy_rate"]
+        lines.append(f"{'':8}" + "".join(f"{c:>16}" for c in cols))
+        for side in ("before", "after"):
+            if side in r:
+                m = r[side]
+                lines.append(f"{side:8}" + "".join(
+                    f"{(pct if 'rate' in c else num)(m.get(c)):>16}" for c in cols))
+        if "retain_ratio_mean" in r:
+            lines.append(f"other classes keep {r['retain_ratio_mean']:.1%} of their recognition rate "
+                         f"(worst {r['retain_ratio_min']:.1%})")
+    elif r["kind"] in ("data", "unconditional"):
+        cols = ["near_copy_rate", "recognisable_rate", "fd"]
+        lines.append(f"{'':8}" + "".join(f"{c:>20}" for c in cols))
+        for side in ("before", "after"):
+            if side in r:
+                m = r[side]
+                lines.append(f"{side:8}" + "".join(
+                    f"{(pct if 'rate' in c else num)(m.get(c)):>20}" for c in cols))
+    else:
+        lines.append(f"concept shift {r['concept_shift']:.4g}; unrelated prompts {r['unrelated_shift_mean']:.4g} "
+                     f"(ratio {r['locality']:.3g})")
+    return "\n".join(lines)
+
+
+def _short(f):
+    if not f:
+        return None
+    if f.get("kind") == "classes":
+        return f"classes {f['ids']}"
+    if f.get("kind") == "datapoints":
+        return f"{f['n']} images"
+    return f.get("prompt", f.get("kind"))
+
+
+def _eval_cli(args):
+    from .targets import DataPoints
+
+    try:
+        forget = DataPoints(args.forget_data, normalize=True) if args.forget_data else None
+        before = False if args.no_before else args.before
+        r = evaluate(args.result_dir, before=before, forget=forget, n_per_class=args.n_per_class,
+                     n_samples=args.samples, num_inference_steps=args.num_inference_steps, seed=args.seed,
+                     out=args.out)
+    except FastUnlearnError as e:
+        print(f"fastunlearn eval: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    if args.json:
+        print(json.dumps(r, indent=2, default=_json_default))
+    else:
+        print(format_report(r))
+        files = r.get("files", {})
+        print(f"wrote {files.get('metrics')}" + (f" and {files['picture']}" if files.get("picture") else ""))
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="metrics and a before/after picture for a saved result",
+                              description="Forget rate, retain rate, Fréchet distance and near-copy rate of a "
+                                          "saved result against the model it was made from.")
+    p.add_argument("result_dir", help="a folder written by Result.save / fastunlearn erase")
+    p.add_argument("--out", default=None, help="output folder (default: RESULT_DIR/eval)")
+    p.add_argument("--before", default=None, help="the model before unlearning: a folder or zoo:NAME "
+                                                  "(default: base_model recorded in fastunlearn.json)")
+    p.add_argument("--no-before", action="store_true", help="measure the result alone")
+    p.add_argument("--forget-data", default=None, help="folder of the forgotten images (when not stored in the "
+                                                        "result)")
+    p.add_argument("--n-per-class", type=int, default=100, help="samples per class (class-conditional models)")
+    p.add_argument("--samples", type=int, default=1000, help="samples (unconditional models)")
+    p.add_argument("--num_inference_steps", "--num-inference-steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=_eval_cli)

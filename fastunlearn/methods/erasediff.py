@@ -1,0 +1,307 @@
+"""EraseDiff: "Erasing Undesirable Influence in Diffusion Models" (Wu, Le, Hayat, Harandi; CVPR 2025), spec §4.
+
+Problem (§4.1): keep the retain data's denoising loss low while the forget data is pushed off the
+true denoising trajectory. Both losses use the MEAN reduction (§1), with x_t = γ_t x_0 + σ_t ε:
+
+    F(θ) = L_r = MEAN ‖ε − ε_θ(x_t^r, t, c_r)‖²                                                     (1)
+    f(θ) = L_f = MEAN ‖target − ε_θ(x_t^f, t, c_f)‖²                                                (2)
+
+``forget_target`` chooses the target of (2):
+
+* ``"relabel"`` (default; the released code since 2024-08, §4.2): target = stopgrad ε_θ(x_t^f, t, c̃), the
+  *current* network's prediction on the same noisy forget input under another condition, with Gaussian
+  ε. For classes c̃ is a random class that is not being forgotten: ONE class for the whole batch as in the
+  official code (``randint(1, 10, (1,))``), or one per row with ``relabel="row"`` (a lower-variance
+  estimate of the same expectation). For concepts c̃ is the anchor prompt (``Concept(..., anchor=...)``;
+  the empty prompt when none is given), as the SD scripts map nudity onto "a photo of a person wearing
+  clothes"-like anchors. On a text model with ``DataPoints`` to forget, c̃ is the empty prompt.
+* ``"uniform"`` (the paper's v1 / ICLR'25 version, Eq. (2)): ε_f ~ U[0, 1)^D both noises the input and is
+  the target. This is the only choice for unconditional models (there is no other label to map onto).
+
+Update (§4.1 Eq. (6), first-order BOME; ∇q = ∇f because f(φ^K) is a constant):
+
+    θ ← Adam(∇L_r + λ ∇L_f),  then the global clip at ``max_grad_norm`` (1.0 in the DDPM code)
+
+``lambda_rule`` chooses λ:
+
+* ``"fixed"``: λ = ``lambd`` (0.1, the official ``lambda_bome``). One forward of the retain and forget rows
+  concatenated and one backward of L_r + λ L_f (§8 "same-weight batching").
+* ``"adaptive"``: the official code's rule when ``lambda_bome < 0`` (§4.2), a cosine variant:
+  λ = max(η − cos(∇L_r, ∇L_f), 0), cos = ⟨·,·⟩/(‖·‖‖·‖ + 1e-8), which is 0 (λ = η) when either gradient
+  vanishes.
+* ``"bome"``: the paper's BOME control, λ = max((η‖∇f‖² − ⟨∇F, ∇f⟩)/‖∇f‖², 0) (left as a comment in the
+  official code); λ = 0 when ∇f = 0 (nothing to add).
+
+For both adaptive rules the two gradients come from one concatenated forward as two vector-Jacobian
+products; ``fastunlearn.surgery.pair_stats`` yields ‖∇L_r‖², ‖∇L_f‖², ⟨∇L_r, ∇L_f⟩ in one pass, and λ and
+the clip factor (‖g_r + λ g_f‖² = ‖g_r‖² + 2λ⟨g_r, g_f⟩ + λ²‖g_f‖²) follow in closed form (§8).
+
+Why the official inner loop is dropped (§4.3). The official DDPM loop runs, per outer block, 2×40 inner
+Adam steps on L_f starting from θ (the lower level φ^K of Eq. (4)-(5)), then restores θ and uses
+L_q = L_du − meter.avg with meter.avg *detached*. So the inner loop never changes the outer gradient
+(∇L_q = ∇L_du); it only shifts the logged value of L_q and perturbs Adam's moments (the 640 inner steps
+share the optimizer, whose state is not restored). This module implements the mathematically clean
+version, Adam on L_r + λ L_f, and saves those 640 extra forward/backward passes. The official 10% label
+dropout on the forget forward (``cond_drop_prob``, §4.2) is not applied: the relabel target already
+comes from a separate, undropped forward.
+
+Timesteps: ``antithetic_t`` (default True, as in the official code): t = cat[t', T−1−t'][:B], t' ~ U{0..T−1},
+shared by the retain and forget rows (the official L_du uses the retain t vector).
+
+Data. ``forget`` is ``DataPoints`` (the images to forget, with labels or prompts), ``fu.Classes`` or a
+``fu.Concept``; for the latter two the forget images are generated from the frozen base with the class
+labels / concept prompt (``n_generate`` of them, DDIM ``generate_steps`` steps, cached for the run) unless
+``Concept.images`` holds some. ``retain`` is ``DataPoints``, a list of prompts, or ``fu.Classes`` (images
+generated likewise). With ``forget=fu.Classes`` the retain rows of the forgotten classes are dropped
+(D_r is "the data minus the forgotten classes", §4.3).
+
+Parameter subsets: ``params`` as for ESD (§4.4 uses the same switch): ``"full"`` (default, DDPM code),
+``"esd-u"`` (the SD scripts' ``noxattn``), ``"esd-x"``, ``"esd-x-strict"``.
+
+Defaults: Adam (official), lr 1e-4 (official DDPM), batch 64 per set, 300 steps (the official run makes
+288 outer updates at batch 128), λ 0.1, η 0.1, clip 1.0.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import ops
+from ..errors import bad_type, bad_value
+from ..surgery import clip_factor, clip_single, pair_stats, write_combination
+from ..targets import Classes, Concept, DataPoints
+from .base import Method, check_choice, check_positive_float, register
+from .esd import (FrozenTeacher, PARAM_SUBSETS, apply_param_subset, cat_cond, check_params, cond_len, cond_to,
+                  encode_prompts, generate, take_cond)
+
+FORGET_TARGETS = ("relabel", "uniform")
+LAMBDA_RULES = ("fixed", "adaptive", "bome")
+
+
+def adaptive_lambda(nr2: float, nf2: float, dot: float, eta: float) -> float:
+    """The official cosine rule (§4.2): max(η − ⟨g_r, g_f⟩/(‖g_r‖‖g_f‖ + 1e-8), 0)."""
+    cos = dot / (math.sqrt(max(nr2, 0.0)) * math.sqrt(max(nf2, 0.0)) + 1e-8)
+    lam = max(eta - cos, 0.0)
+    return lam if math.isfinite(lam) else 0.0
+
+
+def bome_lambda(nr2: float, nf2: float, dot: float, eta: float) -> float:
+    """The BOME control (§4.1 Eq. (6)): max((η‖∇f‖² − ⟨∇F, ∇f⟩)/‖∇f‖², 0); 0 when ∇f = 0."""
+    if not nf2 > 0.0:
+        return 0.0
+    lam = max((eta * nf2 - dot) / nf2, 0.0)
+    return lam if math.isfinite(lam) else 0.0
+
+
+def _concat(a, b):
+    return cat_cond(a, b) if a is not None else None
+
+
+@register
+class EraseDiff(Method):
+    name = "erasediff"
+    description = "EraseDiff: Erasing Undesirable Influence in Diffusion Models (Wu et al., CVPR 2025)"
+    targets = ("datapoints", "classes", "concept")
+    needs_retain = False  # retain data is required, but it may be prompts or fu.Classes (checked in setup)
+    defaults = dict(steps=300, batch_size=64, lr=1e-4, optimizer="adam", betas=(0.9, 0.999), weight_decay=0.0)
+    options = dict(forget_target="relabel", lambd=0.1, lambda_rule="fixed", eta_bome=0.1, antithetic_t=True,
+                   relabel="batch", params="full", max_grad_norm=1.0, n_generate=256, generate_steps=50,
+                   generate_guidance=None)
+
+    @classmethod
+    def validate_options(cls, opts):
+        check_choice("forget_target", opts["forget_target"], FORGET_TARGETS)
+        check_positive_float("lambd", opts["lambd"], allow_zero=True)
+        check_choice("lambda_rule", opts["lambda_rule"], LAMBDA_RULES)
+        check_positive_float("eta_bome", opts["eta_bome"], allow_zero=True)
+        if not isinstance(opts["antithetic_t"], bool):
+            raise bad_type("antithetic_t", "True or False", opts["antithetic_t"])
+        check_choice("relabel", opts["relabel"], ("batch", "row"))
+        check_params(opts["params"])
+        if opts["params"] is None:
+            raise bad_value("params", " | ".join(PARAM_SUBSETS), None)
+        if opts["max_grad_norm"] is not None:
+            check_positive_float("max_grad_norm", opts["max_grad_norm"])
+        for name in ("n_generate", "generate_steps"):
+            v = opts[name]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise bad_value(name, "an int >= 1", v)
+        if opts["generate_guidance"] is not None:
+            check_positive_float("generate_guidance", opts["generate_guidance"])
+
+    @classmethod
+    def trainable_filter(cls, opts):
+        return PARAM_SUBSETS[opts["params"]]
+
+    def trainable_parameters(self):
+        return self.run.trainable_parameters()
+
+    # ------------------------------------------------------------------------------ setup
+    def setup(self):
+        run, o = self.run, self.opts
+        self.kind = run.denoiser.kind
+        if o["forget_target"] == "relabel" and self.kind == "uncond":
+            raise bad_value("forget_target", "'uniform' for an unconditional model ('relabel' maps the forget "
+                            "data onto another class or prompt, and this model has none)", "relabel")
+        apply_param_subset(run, o["params"])
+        self.teacher = FrozenTeacher(run) if run.lora_rank is not None else None
+        self._data_seed = run.seed * 7919 + 17  # generated data: fixed per run, so a resumed run sees the same
+        forget = run.forget_target
+        self.forgotten = None  # class ids the relabel target must avoid
+        if isinstance(forget, Classes):
+            self.forgotten = list(forget.ids)
+            labels = torch.tensor(self.forgotten).repeat_interleave(-(-o["n_generate"] // len(self.forgotten)))
+            run.forget = (self._generate(labels[:o["n_generate"]]), labels[:o["n_generate"]])
+        elif isinstance(forget, Concept):
+            if self.kind != "text":
+                raise bad_value("forget", "fu.Classes or fu.DataPoints for a class-conditional or unconditional "
+                                "model (fu.Concept needs a text model or pipeline)", "Concept")
+            if forget.images is not None:
+                pts = forget.images
+                prompts = pts.prompts if pts.prompts is not None else [forget.prompt] * len(pts)
+                run.forget = (pts.images.float(), encode_prompts(run, prompts))
+            else:
+                cond = encode_prompts(run, [forget.prompt] * o["n_generate"])
+                run.forget = (self._generate(cond), cond)
+            self.anchor = encode_prompts(run, [forget.anchor or ""])
+        else:  # DataPoints, already prepared by erase()
+            x0, cond = run.forget
+            if isinstance(cond, list):
+                cond = encode_prompts(run, cond)
+            run.forget = (x0, cond)
+            if self.kind == "class":
+                self.forgotten = sorted(set(cond.tolist()))
+            elif self.kind == "text":
+                self.anchor = encode_prompts(run, [""])
+        self._setup_retain(run.retain_target)
+        if self.kind == "class" and o["forget_target"] == "relabel":
+            others = [c for c in range(run.denoiser.num_classes) if c not in set(self.forgotten)]
+            if not others:
+                raise bad_value("forget", "fewer classes than the model has ('relabel' maps them onto the others)",
+                                self.forgotten)
+            self.others = torch.tensor(others, dtype=torch.long)
+
+    def _setup_retain(self, retain):
+        run, o = self.run, self.opts
+        if isinstance(retain, DataPoints):
+            x0, cond = run.retain
+            if isinstance(cond, list):
+                cond = encode_prompts(run, cond)
+            if self.kind == "class" and isinstance(run.forget_target, Classes):
+                keep = ~torch.isin(cond, torch.tensor(self.forgotten))
+                if not keep.any():
+                    raise bad_value("retain", "images of classes that are not being forgotten", "only forgotten ones")
+                x0, cond = x0[keep], cond[keep]
+            run.retain = (x0, cond)
+        elif isinstance(retain, Classes) and self.kind == "class":
+            ids = [c for c in retain.ids if c not in set(self.forgotten or [])]
+            if not ids or max(ids) >= run.denoiser.num_classes:
+                raise bad_value("retain", f"fu.Classes of ids in [0, {run.denoiser.num_classes}) that are not "
+                                "being forgotten", retain.ids)
+            labels = torch.tensor(ids).repeat_interleave(-(-o["n_generate"] // len(ids)))[:o["n_generate"]]
+            run.retain = (self._generate(labels, salt=1), labels)
+        elif isinstance(retain, (list, tuple)) and retain and all(isinstance(p, str) for p in retain) \
+                and self.kind == "text":
+            prompts = [retain[i % len(retain)] for i in range(max(o["n_generate"], len(retain)))]
+            cond = encode_prompts(run, prompts)
+            run.retain = (self._generate(cond, salt=1), cond)
+        else:
+            expected = {"text": "fu.DataPoints with prompts or a list of prompts",
+                        "class": "fu.DataPoints with labels or fu.Classes"}.get(self.kind, "fu.DataPoints")
+            raise bad_value("retain", f"{expected} (EraseDiff needs something to keep)",
+                            type(retain).__name__ if retain is not None else None)
+
+    def _generate(self, cond, salt=0):
+        """Images from the frozen base (the untrained model at setup time) for each row of ``cond``."""
+        o, run = self.opts, self.run
+        eps_fn = self.teacher if self.teacher is not None else (lambda x, t, c: run.denoiser(x, t, c))
+        null = None
+        if o["generate_guidance"] is not None:
+            null = self._null(cond_len(cond))
+        was_training = run.model.training
+        run.model.eval()
+        try:
+            return generate(run, eps_fn, cond, self._data_seed + salt, o["generate_steps"], o["generate_guidance"],
+                            null)
+        finally:
+            run.model.train(was_training)
+
+    def _null(self, n):
+        den = self.run.denoiser
+        if den.kind == "text":
+            return encode_prompts(self.run, [""] * n)
+        if den.null_class is None:
+            raise bad_value("generate_guidance", "None: guidance needs the model's null class, and it declares none",
+                            self.opts["generate_guidance"])
+        return torch.full((n,), den.null_class, dtype=torch.long)
+
+    # ------------------------------------------------------------------------------ one step
+    def draw(self, gen: torch.Generator) -> dict:
+        """Every random quantity of one step, drawn from ``gen`` in a fixed order."""
+        run, B, T = self.run, self.run.batch_size, self.run.num_train_timesteps
+        keep, forget = run.retain_batch(gen, B), run.forget_batch(gen, B)
+        if self.opts["antithetic_t"]:
+            half = torch.randint(0, T, ((B + 1) // 2,), generator=gen)
+            t = torch.cat([half, T - 1 - half])[:B]
+        else:
+            t = torch.randint(0, T, (B,), generator=gen)
+        noise_r = torch.randn(keep.x0.shape, generator=gen)
+        if self.opts["forget_target"] == "uniform":
+            noise_f = torch.rand(forget.x0.shape, generator=gen)  # ε_f ~ U[0, 1): input noise and target
+        else:
+            noise_f = torch.randn(forget.x0.shape, generator=gen)
+        relabel = None
+        if self.opts["forget_target"] == "relabel":
+            if self.kind == "class":
+                n = B if self.opts["relabel"] == "row" else 1
+                relabel = self.others[torch.randint(0, len(self.others), (n,), generator=gen)].expand(B).clone()
+            else:
+                relabel = take_cond(self.anchor, torch.zeros(B, dtype=torch.long))
+        return dict(keep=keep, forget=forget, t=t, noise_r=noise_r, noise_f=noise_f, relabel=relabel)
+
+    def losses(self, d: dict):
+        """(L_r, L_f) from one concatenated forward; the relabel target from a separate no-grad forward
+        (it needs no activations kept for backward, so batching it in would only cost memory)."""
+        run = self.run
+        keep, forget, t, noise_r, noise_f, relabel = run.to_device(
+            d["keep"], d["forget"], d["t"], d["noise_r"], d["noise_f"], d["relabel"])
+        gamma, sigma = run.gamma_sigma(d["t"])
+        g, s = run.bview(gamma.to(run.device), noise_r), run.bview(sigma.to(run.device), noise_r)
+        x_r = g * keep.x0 + s * noise_r
+        x_f = g * forget.x0 + s * noise_f
+        B = x_r.shape[0]
+        pred = run.denoiser(torch.cat([x_r, x_f]).to(run.dtype), torch.cat([t, t]), _concat(keep.cond, forget.cond))
+        pred_r, pred_f = pred[:B], pred[B:]
+        if self.opts["forget_target"] == "uniform":
+            target_f = noise_f
+        else:
+            with torch.no_grad():
+                target_f = run.denoiser(x_f.to(run.dtype), t, relabel)
+        return ops.mse_loss(pred_r, noise_r), ops.mse_loss(pred_f, target_f.detach())
+
+    def step(self, step, gen):
+        o = self.opts
+        loss_r, loss_f = self.losses(self.draw(gen))
+        params = self.trainable_parameters()
+        if o["lambda_rule"] == "fixed":
+            lam = float(o["lambd"])
+            g = torch.autograd.grad(loss_r + lam * loss_f, params, allow_unused=True)
+            g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)]
+            stats = clip_single(g, params, o["max_grad_norm"])
+        else:
+            g_r = torch.autograd.grad(loss_r, params, retain_graph=True, allow_unused=True)
+            g_f = torch.autograd.grad(loss_f, params, allow_unused=True)
+            g_r = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g_r, params)]
+            g_f = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g_f, params)]
+            nr2, nf2, dot = pair_stats(g_r, g_f)
+            rule = adaptive_lambda if o["lambda_rule"] == "adaptive" else bome_lambda
+            lam = rule(nr2, nf2, dot, o["eta_bome"])
+            norm_sq = nr2 + 2.0 * lam * dot + lam * lam * nf2
+            clip = clip_factor(norm_sq, o["max_grad_norm"])
+            write_combination(params, g_r, clip, g_f, lam * clip)
+            stats = {"grad_norm_r": math.sqrt(max(nr2, 0.0)), "grad_norm_f": math.sqrt(max(nf2, 0.0)),
+                     "grad_cos": dot / (math.sqrt(max(nr2, 0.0) * max(nf2, 0.0)) + 1e-8),
+                     "grad_norm": math.sqrt(max(norm_sq, 0.0)), "clip": clip}
+        return {"loss": loss_r.item() + lam * loss_f.item(), "loss_r": loss_r.item(), "loss_f": loss_f.item(),
+                "lambd": lam, **stats}

@@ -1,0 +1,384 @@
+"""ESD: "Erasing Concepts from Diffusion Models" (Gandikota et al., ICCV 2023), spec §6.
+
+Objective (§6.1), with θ* the frozen base and θ the trained copy (a parameter subset, §6.2):
+
+    target = ε_θ*(x_t, t, c_from) − η · (ε_θ*(x_t, t, c) − ε_θ*(x_t, t, ∅))       (c_from = c unless erase_from)
+    L_ESD  = MEAN ( ε_θ(x_t, t, c_from) − target )²                                 (``ops.esd_loss``)
+
+x_t comes from DDIM-sampling the frozen base (the current official code; the original CompVis script
+sampled with the model being trained) under c_from with classifier-free guidance w = ``start_guidance``
+(3) for k of ``ddim_steps`` (50) steps, k ~ U{0..49}, and t = timesteps[k] (§6.1, new code L127-141).
+
+What the user passes and what c and ∅ are:
+
+* ``fu.Concept("...")`` on a text model or pipeline: c is the prompt's text embedding, ∅ the empty
+  prompt's (SD's unconditional branch). ``erase_from="..."`` sets c_from (§6.1 ``--erase_from``).
+* ``fu.Classes([k, ...])`` on a class-conditional UNet (no data needed): c is the class label (one of the
+  ids per row), ∅ the model's null class (``Denoiser.null_class``: the id it was trained on with label
+  dropout, 10 on the bundled digits model). A model that declares no null class has no unconditional
+  branch, so ESD cannot form ε(x_t, ∅): pass ``null_class=<id>`` explicitly or get a clear error.
+
+Parameter subsets (``params``, §6.2): ``"esd-x"`` cross-attention ``attn2`` only (styles; the default for
+models that have cross-attention, as in the current official script), ``"esd-x-strict"`` only
+``attn2.to_k``/``to_v``, ``"esd-u"`` everything but ``attn2`` (the current code's ``noxattn``; the old code
+also froze ``out.`` and ``time_embed``), ``"full"`` everything. A class-conditional UNet has no cross-
+attention, so ``esd-x`` would train nothing: it is refused, and the default there is ``"full"``. With
+``lora_rank`` the subset selects which LoRA adapters train.
+
+The frozen teacher without a second model (§6.5 wants one copy of the weights): with ``lora_rank`` the
+teacher is the same model with its adapters switched off; without LoRA only the trained tensors are kept
+as a frozen copy and swapped in with ``torch.func.functional_call`` (for ``esd-x`` on SD that is the ~3%
+of the weights in ``attn2``, never the whole UNet). The teacher's c and ∅ evaluations share one 2B
+forward (§6.5).
+
+Trajectory pool (``trajectory_pool``, on by default). Producing x_t costs up to 49 DDIM steps × 2 (CFG)
+frozen UNet calls per iteration, ~50× the training forward (§6.4). Because the current code samples x_t
+with the *frozen* model, trajectories do not depend on θ, so they can be generated once and reused: every
+``pool_refresh`` steps ``pool_size`` full trajectories (all 50 states each) are sampled, and each step
+draws B (trajectory, k) pairs from them. The marginal law of (x_t, t) is exactly the one of fresh
+sampling (k uniform, x_T Gaussian); only successive steps' samples are correlated. The pool's seed is
+the first draw of the refresh step's generator, so a resumed run rebuilds the same pool. With
+``trajectory_pool=False`` each step samples B fresh trajectories for one k ~ U{0..49} (the official
+procedure with batch B). ``Result.extras["unet_evals"]`` counts the UNet rows evaluated either way.
+
+Options and their official origin (§6.3):
+* ``negative_guidance`` η: 1.0 (original script; the current script uses 2.0).
+* ``start_guidance`` w: 3, ``ddim_steps``: 50 (both scripts).
+* ``params``: see above. ``null_class``: see above. ``erase_from``: c_from for concepts.
+* ``max_grad_norm``: None (the official code does not clip).
+* Defaults: Adam (both scripts), lr 1e-4 and batch 16 for the small models this library runs on CPU
+  (the official 1e-5 / 5e-5 at batch 1 are for the 860M-parameter SD UNet), 200 steps (current script).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import ops
+from ..errors import bad_type, bad_value
+from ..run import step_generator
+from ..surgery import clip_single
+from ..targets import Classes, Concept
+from .base import Method, check_positive_float, register
+
+# §6.2: name -> predicate on parameter names (LoRA names contain the wrapped layer's name).
+PARAM_SUBSETS = {
+    "full": lambda name: True,
+    "esd-x": lambda name: ".attn2." in name,
+    "esd-x-strict": lambda name: ".attn2.to_k." in name or ".attn2.to_v." in name,
+    "esd-u": lambda name: ".attn2." not in name,
+    "class-embedding": lambda name: name.startswith("class_embedding."),
+}
+_NEEDS_XATTN = ("esd-x", "esd-x-strict")
+
+
+# --------------------------------------------------------------------------------- shared helpers
+def has_cross_attention(model: torch.nn.Module) -> bool:
+    return any(".attn2." in n for n, _ in model.named_parameters())
+
+
+def check_params(value) -> None:
+    if value is not None and value not in PARAM_SUBSETS:
+        raise bad_value("params", " | ".join(PARAM_SUBSETS), value)
+
+
+def apply_param_subset(run, subset: str) -> None:
+    """Make exactly ``subset`` trainable on ``run.model`` (its LoRA adapters when ``lora_rank`` is set)."""
+    if subset in _NEEDS_XATTN and not has_cross_attention(run.model):
+        raise bad_value("params", "'full' or 'esd-u': this model has no cross-attention (attn2) layers, so "
+                        f"{subset!r} would train nothing", subset)
+    keep = PARAM_SUBSETS[subset]
+    lora = run.lora_rank is not None
+    for name, p in run.model.named_parameters():
+        p.requires_grad_(keep(name) and (("lora_" in name) if lora else True))
+    if not any(p.requires_grad for p in run.model.parameters()):
+        raise bad_value("params", "a subset with trainable parameters (with lora_rank, one that holds LoRA "
+                        "adapters)", subset)
+
+
+def cat_cond(*conds):
+    """Concatenate conditionings (class-id tensors or embedding dicts) along the batch."""
+    first = conds[0]
+    if first is None:
+        return None
+    if isinstance(first, torch.Tensor):
+        return torch.cat(conds)
+    return {k: cat_cond(*(c[k] for c in conds)) for k in first}
+
+
+def take_cond(cond, idx):
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return cond[idx.to(cond.device)]
+    return {k: take_cond(v, idx) for k, v in cond.items()}
+
+
+def cond_to(cond, device):
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return cond.to(device)
+    return {k: cond_to(v, device) for k, v in cond.items()}
+
+
+def cond_len(cond) -> int:
+    if isinstance(cond, torch.Tensor):
+        return cond.shape[0]
+    return cond_len(next(iter(cond.values())))
+
+
+def encode_prompts(run, prompts):
+    """Prompt embeddings from the pipeline's frozen text encoder (cached per prompt by the pipeline)."""
+    if run.encode_prompts is None:
+        raise bad_value("model", "a text-to-image pipeline (prompts need its text encoder; a bare "
+                        "UNet2DConditionModel has none)", type(run.model).__name__)
+    return run.encode_prompts(list(prompts))
+
+
+def model_kwargs(den, cond) -> dict:
+    if den.kind == "text":
+        return dict(cond)
+    if den.kind == "class":
+        return {"class_labels": cond}
+    return {}
+
+
+class FrozenTeacher:
+    """ε_θ*(x_t, t, c) of the frozen base, sharing the trained model's weights (module docstring).
+
+    Build it after the trainable subset is final: without LoRA it snapshots exactly those tensors."""
+
+    def __init__(self, run):
+        self.run = run
+        self.lora = run.lora_rank is not None
+        self.frozen = None if self.lora else {
+            n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        run = self.run
+        if self.lora:
+            from ..lora import adapters_off
+
+            with adapters_off(run.model):
+                return run.denoiser(x_t, t, cond)
+        out = torch.func.functional_call(run.model, self.frozen, (x_t, t), model_kwargs(run.denoiser, cond))
+        return out.sample
+
+    def frozen_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.frozen or {}).values())
+
+
+@torch.no_grad()
+def ddim_states(eps_fn, scheduler, x_T: torch.Tensor, cond, num_steps: int, upto: int,
+                guidance: Optional[float] = None, null=None):
+    """The DDIM (η = 0) states x^(0) = x_T, x^(1), …, x^(upto) of ``num_steps``-step sampling, and the
+    timesteps (x^(k) is the sample at timesteps[k]). With ``guidance`` w and ``null``, every step is one
+    2N forward: ε = ε(∅) + w (ε(c) − ε(∅))."""
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(num_steps)
+    ts = ddim.timesteps.long()
+    x, states = x_T, [x_T]
+    n = x.shape[0]
+    for k in range(upto):
+        t = torch.full((n,), int(ts[k]), device=x.device, dtype=torch.long)
+        if guidance is None or null is None:
+            eps = eps_fn(x, t, cond)
+        else:
+            e_c, e_null = eps_fn(torch.cat([x, x]), torch.cat([t, t]), cat_cond(cond, null)).chunk(2)
+            eps = e_null + guidance * (e_c - e_null)
+        x = ddim.step(eps, int(ts[k]), x).prev_sample
+        states.append(x)
+    return states, ts
+
+
+@torch.no_grad()
+def generate(run, eps_fn, cond, seed: int, num_steps: int = 50, guidance: Optional[float] = None, null=None,
+             chunk: int = 256) -> torch.Tensor:
+    """Samples (on the CPU, float32) for each row of ``cond`` from ``eps_fn`` (the frozen base): the
+    data-free stand-in for images a method needs but the user did not give (§ design: "generate them
+    from the frozen base with the prompts and cache them for the run")."""
+    n = cond_len(cond)
+    gen = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(n, *run.denoiser.sample_shape, generator=gen)
+    out = []
+    for s in range(0, n, chunk):
+        idx = torch.arange(s, min(n, s + chunk))
+        c = cond_to(take_cond(cond, idx), run.device)
+        nl = None if null is None else cond_to(take_cond(null, idx), run.device)
+        states, _ = ddim_states(eps_fn, run.scheduler, x_T[idx].to(run.device, run.dtype), c, num_steps,
+                                num_steps, guidance, nl)
+        out.append(states[-1].float().cpu())
+    return torch.cat(out)
+
+
+def _check_int(name, v, lo=1, allow_none=False):
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise bad_value(name, f"an int >= {lo}" + (" or None" if allow_none else ""), v)
+
+
+# ----------------------------------------------------------------------------------------- method
+@register
+class ESD(Method):
+    name = "esd"
+    description = "Erasing Concepts from Diffusion Models (Gandikota et al., ICCV 2023)"
+    targets = ("classes", "concept")
+    defaults = dict(steps=200, batch_size=16, lr=1e-4, optimizer="adam", betas=(0.9, 0.999), weight_decay=0.0)
+    options = dict(negative_guidance=1.0, params=None, start_guidance=3.0, ddim_steps=50, trajectory_pool=True,
+                   pool_size=None, pool_refresh=25, null_class=None, erase_from=None, max_grad_norm=None)
+
+    @classmethod
+    def validate_options(cls, opts):
+        check_positive_float("negative_guidance", opts["negative_guidance"])
+        check_params(opts["params"])
+        check_positive_float("start_guidance", opts["start_guidance"])
+        _check_int("ddim_steps", opts["ddim_steps"])
+        if not isinstance(opts["trajectory_pool"], bool):
+            raise bad_type("trajectory_pool", "True or False", opts["trajectory_pool"])
+        _check_int("pool_size", opts["pool_size"], allow_none=True)
+        _check_int("pool_refresh", opts["pool_refresh"])
+        _check_int("null_class", opts["null_class"], lo=0, allow_none=True)
+        if opts["erase_from"] is not None and (not isinstance(opts["erase_from"], str) or not opts["erase_from"]):
+            raise bad_value("erase_from", "a non-empty prompt or None", opts["erase_from"])
+        if opts["max_grad_norm"] is not None:
+            check_positive_float("max_grad_norm", opts["max_grad_norm"])
+
+    @classmethod
+    def trainable_filter(cls, opts):
+        return PARAM_SUBSETS[opts["params"]] if opts.get("params") else None
+
+    # ------------------------------------------------------------------------------ setup
+    def setup(self):
+        run, o = self.run, self.opts
+        if o["ddim_steps"] > run.num_train_timesteps:
+            raise bad_value("ddim_steps", f"an int in [1, {run.num_train_timesteps}]", o["ddim_steps"])
+        self.subset = o["params"] or ("esd-x" if has_cross_attention(run.model) else "full")
+        apply_param_subset(run, self.subset)
+        self.teacher = FrozenTeacher(run)
+        self._build_conditions(run.forget_target)
+        self.pool_size = o["pool_size"] or 2 * run.batch_size
+        self._pool = None
+        self._pool_at = None
+        self.evals = {"sampling_rows": 0, "sampling_calls": 0, "teacher_rows": 0, "student_rows": 0}
+
+    def _build_conditions(self, target):
+        """c (one row per condition index), c_from (same rows) and ∅ (one row)."""
+        run, o, den = self.run, self.opts, self.run.denoiser
+        if isinstance(target, Classes):
+            if den.kind != "class":
+                raise bad_value("forget", "fu.Concept for a text model (fu.Classes needs class labels)", "Classes")
+            if o["erase_from"] is not None:
+                raise bad_value("erase_from", "None with fu.Classes (it is a prompt, for text models)", o["erase_from"])
+            null = o["null_class"] if o["null_class"] is not None else den.null_class
+            if null is None:
+                raise bad_value("null_class", "the id of the model's unconditional (null) class: this model declares "
+                                "none (config fastunlearn_null_class), and ESD needs ε(x_t, ∅)", None)
+            if null >= self.run.model.config.num_class_embeds or null in target.ids:
+                raise bad_value("null_class", f"a class id in [0, {self.run.model.config.num_class_embeds}) that is "
+                                "not being erased", null)
+            self.c = torch.tensor(list(target.ids), dtype=torch.long)
+            self.c_from = self.c
+            self.null = torch.tensor([null], dtype=torch.long)
+        elif isinstance(target, Concept):
+            if den.kind != "text":
+                raise bad_value("forget", "fu.Classes for a class-conditional model (fu.Concept needs a text model "
+                                "or pipeline)", "Concept")
+            if o["null_class"] is not None:
+                raise bad_value("null_class", "None for a text model (∅ is the empty prompt)", o["null_class"])
+            self.c = encode_prompts(run, [target.prompt])
+            self.c_from = encode_prompts(run, [o["erase_from"]]) if o["erase_from"] else self.c
+            self.null = encode_prompts(run, [""])
+        else:  # erase() only lets the targets above through
+            raise bad_type("forget", "fu.Classes or fu.Concept", target)
+        self.n_cond = cond_len(self.c)
+
+    def trainable_parameters(self):
+        return self.run.trainable_parameters()
+
+    # ------------------------------------------------------------------------------ x_t
+    def _null_rows(self, n):
+        return take_cond(self.null, torch.zeros(n, dtype=torch.long))
+
+    def _trajectories(self, x_T, ci, upto):
+        run = self.run
+        states, ts = ddim_states(self.teacher, run.scheduler, x_T.to(run.device, run.dtype),
+                                 cond_to(take_cond(self.c_from, ci), run.device), self.opts["ddim_steps"], upto,
+                                 self.opts["start_guidance"], cond_to(self._null_rows(len(ci)), run.device))
+        self.evals["sampling_rows"] += 2 * len(ci) * upto
+        self.evals["sampling_calls"] += upto
+        return states, ts
+
+    def _refresh_pool(self, seed):
+        K, P = self.opts["ddim_steps"], self.pool_size
+        g = torch.Generator().manual_seed(seed)
+        ci = torch.randint(0, self.n_cond, (P,), generator=g)
+        x_T = torch.randn(P, *self.run.denoiser.sample_shape, generator=g)
+        states, ts = self._trajectories(x_T, ci, K - 1)
+        self._pool = (torch.stack(states), ci, ts)  # [K, P, ...]: state k of trajectory p
+
+    def draw(self, step: int, gen: torch.Generator):
+        """(x_t, t, condition index per row) for this step; all randomness from ``gen`` (or, for a pool
+        built at an earlier step, from that step's generator)."""
+        run, K, B = self.run, self.opts["ddim_steps"], self.run.batch_size
+        if self.opts["trajectory_pool"]:
+            R = self.opts["pool_refresh"]
+            r = step - step % R
+            if step == r:  # a refresh step always takes the pool's seed as its generator's first draw
+                seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+            elif self._pool_at != r:  # resumed between refreshes: replay the refresh step's first draw
+                seed = int(torch.randint(0, 2**62, (1,), generator=step_generator(run.seed, r)))
+            if self._pool_at != r or step == r:
+                self._refresh_pool(seed)
+                self._pool_at = r
+            states, pool_ci, ts = self._pool
+            j = torch.randint(0, self.pool_size, (B,), generator=gen)
+            k = torch.randint(0, K, (B,), generator=gen)
+            return states[k.to(states.device), j.to(states.device)], ts[k].to(run.device), pool_ci[j]
+        k = int(torch.randint(0, K, (1,), generator=gen))
+        ci = torch.randint(0, self.n_cond, (B,), generator=gen)
+        x_T = torch.randn(B, *run.denoiser.sample_shape, generator=gen)
+        states, ts = self._trajectories(x_T, ci, k)
+        return states[-1], torch.full((B,), int(ts[k]), dtype=torch.long, device=run.device), ci
+
+    # ------------------------------------------------------------------------------ step
+    def loss(self, x_t, t, ci):
+        """L_ESD on one batch (§6.1); the teacher's evaluations share one forward (§6.5)."""
+        run, B = self.run, x_t.shape[0]
+        c = cond_to(take_cond(self.c, ci), run.device)
+        null = cond_to(self._null_rows(B), run.device)
+        if self.c_from is self.c:
+            e_c, e_null = self.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond(c, null)).chunk(2)
+            e_from, c_from = e_c, c
+        else:
+            c_from = cond_to(take_cond(self.c_from, ci), run.device)
+            e_from, e_c, e_null = self.teacher(torch.cat([x_t] * 3), torch.cat([t] * 3),
+                                               cat_cond(c_from, c, null)).chunk(3)
+        self.evals["teacher_rows"] += B * (2 if self.c_from is self.c else 3)
+        self.evals["student_rows"] += B
+        pred = run.denoiser(x_t, t, c_from)
+        return ops.esd_loss(pred, e_from, e_c, e_null, self.opts["negative_guidance"])
+
+    def step(self, step, gen):
+        before = self.evals["sampling_rows"]
+        x_t, t, ci = self.draw(step, gen)
+        loss = self.loss(x_t, t, ci)
+        params = self.trainable_parameters()
+        g = torch.autograd.grad(loss, params, allow_unused=True)
+        g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)]
+        stats = clip_single(g, params, self.opts["max_grad_norm"])
+        return {"loss": loss.item(), "sampling_rows": float(self.evals["sampling_rows"] - before), **stats}
+
+    def finish(self, result):
+        B, steps = self.run.batch_size, result.meta.get("steps")
+        K = self.opts["ddim_steps"]
+        # Fresh sampling (no pool) costs 2·B·k rows per step with k ~ U{0..K−1}: 2·B·(K−1)/2 on average.
+        result.extras["unet_evals"] = {**self.evals, "trajectory_pool": self.opts["trajectory_pool"],
+                                       "pool_size": self.pool_size if self.opts["trajectory_pool"] else None,
+                                       "no_pool_expected_sampling_rows": (B * (K - 1) * steps) if steps else None}
+        result.extras["params"] = self.subset

@@ -1,0 +1,90 @@
+"""Text-to-image pipelines as ``erase()`` inputs: the denoiser, the noise scheduler and a prompt encoder.
+
+``erase(pipe, forget=fu.Concept(...))`` accepts a diffusers ``StableDiffusionPipeline`` (SD 1.x/2.x
+layout: ``unet`` = ``UNet2DConditionModel``, ``text_encoder`` = CLIP, ``tokenizer``) or a
+``StableDiffusionXLPipeline`` (two text encoders and ``added_cond_kwargs``: ``fastunlearn.sdxl``). The
+methods only ever see
+
+* the UNet (the model that is copied and trained; the text encoders and VAE stay untouched),
+* the scheduler (the pipeline's own unless the caller passes one), and
+* ``extras["encode_prompts"](list_of_str) -> cond``: the frozen text encoders' output for the UNet,
+  computed once per distinct prompt and cached for the run. For SD, ``{"encoder_hidden_states": [N, L, D]}``
+  (the last hidden state, what SD's UNet cross-attends to); for SDXL, also
+  ``added_cond_kwargs = {"text_embeds", "time_ids"}`` (``fastunlearn.sdxl``). Methods pass the dict
+  through (``unet(x_t, t, **cond)``) and never branch on the model family.
+
+The methods work in the UNet's sample space: the VAE latent space of a real Stable Diffusion pipeline
+(data-free methods sample there directly, so they need no VAE), or pixel space for a pipeline built
+without a VAE (``vae=None``, as the tiny test pipelines of ``fastunlearn.text`` are). ``DataPoints``
+images given to a pipeline must already be in that space (channels are checked against the UNet);
+encoding pixel images through the VAE is not part of this version.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch
+
+from .errors import bad_type, bad_value
+
+
+def is_pipeline(obj) -> bool:
+    """True for any diffusers ``DiffusionPipeline`` (whether supported is decided by ``resolve``)."""
+    try:
+        from diffusers import DiffusionPipeline
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return False
+    return isinstance(obj, DiffusionPipeline)
+
+
+def resolve(pipe, scheduler=None, resolution=None):
+    """``(unet, scheduler, extras)`` of a Stable Diffusion 1.x/2.x or SDXL pipeline; see the module
+    docstring. ``resolution`` (pixels) only matters for SDXL, whose ``time_ids`` carry the image size."""
+    from diffusers import UNet2DConditionModel
+
+    from . import sdxl
+
+    unet = getattr(pipe, "unet", None)
+    if not isinstance(unet, UNet2DConditionModel):
+        raise bad_type("model", "a text-to-image pipeline with a UNet2DConditionModel (pipe.unet)", unet)
+    if sdxl.is_sdxl(pipe):
+        return sdxl.resolve(pipe, scheduler, resolution=resolution)
+    if getattr(pipe, "text_encoder_2", None) is not None or unet.config.get("addition_embed_type") is not None:
+        # e.g. an SDXL refiner (text_embeds only) or a UNet with other added conditions
+        raise bad_value("model", "a Stable Diffusion 1.x/2.x or SDXL base pipeline (added conditions "
+                        f"{unet.config.get('addition_embed_type')!r} are not supported)", type(pipe).__name__)
+    text_encoder, tokenizer = getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None)
+    if text_encoder is None or tokenizer is None:
+        raise bad_value("model", "a pipeline with a text_encoder and a tokenizer", type(pipe).__name__)
+    scheduler = scheduler if scheduler is not None else getattr(pipe, "scheduler", None)
+    if scheduler is None or not hasattr(scheduler, "alphas_cumprod") or not hasattr(scheduler, "config"):
+        raise bad_type("scheduler", "a diffusers noise scheduler with alphas_cumprod", scheduler)
+    return unet, scheduler, {"encode_prompts": prompt_encoder(text_encoder, tokenizer)}
+
+
+def prompt_encoder(text_encoder, tokenizer) -> Callable[[List[str]], Dict[str, torch.Tensor]]:
+    """A function ``prompts -> {"encoder_hidden_states": [N, L, D]}`` that runs the frozen text encoder
+    once per distinct prompt (padded to the tokenizer's ``model_max_length``, as the pipelines do) and
+    caches the result on the CPU. The embeddings are returned on the CPU; the caller moves them."""
+    cache: Dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def encode(prompts: List[str]) -> Dict[str, torch.Tensor]:
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise bad_type("prompts", "a list of strings", prompts)
+        new = sorted({p for p in prompts if p not in cache})
+        if new:
+            ids = tokenizer(new, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids
+            was_training = text_encoder.training
+            text_encoder.eval()
+            try:
+                hidden = text_encoder(ids.to(text_encoder.device))[0]
+            finally:
+                text_encoder.train(was_training)
+            for p, h in zip(new, hidden.float().cpu()):
+                cache[p] = h
+        return {"encoder_hidden_states": torch.stack([cache[p] for p in prompts])}
+
+    encode.cache = cache  # exposed for tests and for counting text-encoder calls
+    return encode

@@ -1,0 +1,285 @@
+"""Runtime switches of a run: precision, attention, gradient checkpointing, compile, TF32.
+
+The names follow diffusers' training scripts (``--mixed_precision``, ``--gradient_checkpointing``,
+``--enable_xformers_memory_efficient_attention``); ``spec/performance.md`` §1, §4 and §5 say why each
+exists and what it buys at SDXL scale.
+
+* ``precision`` "fp32" | "bf16" | "fp16": the *frozen* weights are stored in the low precision (the
+  base of a LoRA run is 4.78 GiB in bf16 instead of 9.56 GiB for SDXL), the *trainable* weights stay
+  fp32 (the optimizer updates are below bf16's resolution otherwise), and every call of the network
+  runs under ``torch.autocast`` (accelerate's mixed-precision recipe). The losses accumulate in fp32
+  whatever the prediction's dtype. fp16 runs without loss scaling (the methods take their gradients
+  themselves); bf16 is the recommended low precision (§5, "prefer bf16 autocast"). After training the
+  frozen weights are put back at the input model's precision: they were never trained, so the result
+  equals the input outside the trained parameters bit for bit.
+* ``gradient_checkpointing``: diffusers' per-block checkpointing (every ResNet and transformer block
+  recomputed in the backward), about −85% activation memory for +48% FLOPs at 1024 px (§6.1). The
+  recomputation runs each block in the role it had in the forward (``checkpoint_in_role``): with LoRA
+  roles on one base (SFD's generator, fake score and teacher) the active adapter changes between a
+  forward and its backward.
+* ``attention`` "sdpa" (PyTorch scaled-dot-product attention, diffusers' default) | "xformers" (when
+  installed; §4 explains why SDPA is as fast today).
+* ``compile``: regional compilation (§4): only the repeated blocks (``BasicTransformerBlock`` for SD/SDXL,
+  the ResNet blocks of attention-free UNets) go through ``torch.compile``, after the LoRA adapters exist
+  (peft's guide). Off by default: on CPU the first compile costs minutes and gains nothing on tiny
+  models; on GPU it is opt-in because adapter toggling (teacher = adapters off) recompiles per role.
+* ``tf32``: TF32 tensor-core matmuls and convolutions for the fp32 parts (CUDA only; set for the run
+  and restored afterwards).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.utils.checkpoint
+
+from .errors import bad_type, bad_value
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ATTENTIONS = ("sdpa", "xformers")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    attention: Optional[str] = None   # None: leave the model's processors as they are (SDPA by default)
+    compile: bool = False
+    tf32: bool = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return PRECISIONS[self.precision]
+
+    def as_dict(self) -> dict:
+        return {"precision": self.precision, "gradient_checkpointing": self.gradient_checkpointing,
+                "attention": self.attention or "sdpa", "compile": self.compile, "tf32": self.tf32}
+
+
+def _check_bool(name: str, value) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise bad_type(name, "True, False or None", value)
+
+
+def xformers_available() -> bool:
+    return importlib.util.find_spec("xformers") is not None
+
+
+def check_resolution(resolution) -> None:
+    """Pipelines sample and encode at ``resolution`` pixels: an int divisible by 8 (the VAE factor)."""
+    if resolution is None:
+        return
+    if isinstance(resolution, bool) or not isinstance(resolution, int):
+        raise bad_type("resolution", "an int (pixels, a multiple of 8)", resolution)
+    if resolution < 8 or resolution % 8:
+        raise bad_value("resolution", "a positive multiple of 8 (pixels)", resolution)
+
+
+def resolve(precision=None, gradient_checkpointing=None, attention=None, compile=None, tf32=None,
+            model: Optional[torch.nn.Module] = None) -> Runtime:
+    """Validate the switches (errors name the argument) and fill the defaults for ``model``'s device:
+
+    precision: the model's own dtype when it is already bf16/fp16, bf16 on a CUDA device that supports
+    it, fp32 elsewhere; tf32: on for CUDA; everything else off."""
+    if precision is not None and precision not in PRECISIONS:
+        raise bad_value("precision", " | ".join(PRECISIONS), precision)
+    if attention is not None and attention not in ATTENTIONS:
+        raise bad_value("attention", " | ".join(ATTENTIONS), attention)
+    if attention == "xformers" and not xformers_available():
+        raise bad_value("attention", "'sdpa' (xformers is not installed; pip install 'fastunlearn[xformers]' "
+                        "to use it)", attention)
+    for name, v in (("gradient_checkpointing", gradient_checkpointing), ("compile", compile), ("tf32", tf32)):
+        _check_bool(name, v)
+    param = next(model.parameters(), None) if model is not None else None
+    cuda = param is not None and param.device.type == "cuda"
+    if precision is None:
+        if param is not None and param.dtype in (torch.bfloat16, torch.float16):
+            precision = "bf16" if param.dtype == torch.bfloat16 else "fp16"
+        elif cuda and torch.cuda.is_bf16_supported():
+            precision = "bf16"
+        else:
+            precision = "fp32"
+    return Runtime(precision=precision, gradient_checkpointing=bool(gradient_checkpointing),
+                   attention=attention, compile=bool(compile), tf32=cuda if tf32 is None else bool(tf32))
+
+
+# ------------------------------------------------------------------------------------------ applying
+def _is_adapter(name: str) -> bool:
+    return "lora_" in name
+
+
+def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Frozen floating-point weights to ``dtype``; trainable weights and every adapter weight to fp32."""
+    for name, p in model.named_parameters():
+        if not p.is_floating_point():
+            continue
+        if p.requires_grad or _is_adapter(name):
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+        elif p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+class _AutocastHooks:
+    """Every call of the module runs under ``torch.autocast`` (teacher, student, sampling, pipelines):
+    a forward pre-hook enters the context and an always-called forward hook leaves it."""
+
+    def __init__(self, module: torch.nn.Module, device_type: str, dtype: torch.dtype):
+        self.device_type, self.dtype, self._stack = device_type, dtype, []
+        self.handles = [module.register_forward_pre_hook(self._enter),
+                        module.register_forward_hook(self._exit, always_call=True)]
+
+    def _enter(self, module, args):
+        ctx = torch.autocast(self.device_type, dtype=self.dtype)
+        ctx.__enter__()
+        self._stack.append(ctx)
+
+    def _exit(self, module, args, output):
+        if self._stack:
+            self._stack.pop().__exit__(None, None, None)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def set_attention(model: torch.nn.Module, attention: Optional[str]) -> None:
+    if attention is None or not hasattr(model, "attn_processors") or not model.attn_processors:
+        return
+    if attention == "xformers":
+        model.enable_xformers_memory_efficient_attention()
+        return
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor
+
+    procs = model.attn_processors
+    if any(isinstance(p, (AttnProcessor, XFormersAttnProcessor)) for p in procs.values()):
+        model.set_attn_processor({k: AttnProcessor2_0() if isinstance(p, (AttnProcessor, XFormersAttnProcessor))
+                                  else p for k, p in procs.items()})
+
+
+def _role_state(module: torch.nn.Module) -> list:
+    """What decides a block's computation besides its inputs and weights: each submodule's train/eval
+    mode and, for peft LoRA layers, whether adapters are on and which one is active."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(m, m.training, m._disable_adapters, m._active_adapter) if isinstance(m, BaseTunerLayer)
+            else (m, m.training) for m in module.modules()]
+
+
+def _set_role_state(state: list) -> None:
+    # Attributes set directly: peft's set_adapter/enable_adapters would also flip requires_grad.
+    for entry in state:
+        entry[0].training = entry[1]
+        if len(entry) == 4:
+            entry[0]._disable_adapters, entry[0]._active_adapter = entry[2], entry[3]
+
+
+def checkpoint_in_role(module, *args, **kwargs):
+    """diffusers' checkpointing (non-reentrant ``torch.utils.checkpoint``), except that the backward's
+    recomputation runs ``module`` in the state it had in the forward (``_role_state``). Without this, a
+    role switched between the forward and the backward (SFD's fake score or teacher on the shared base,
+    backpropagated after the generator's adapter is active again) is recomputed as another network: a
+    checkpoint metadata error, or silently wrong gradients where the shapes agree."""
+    state = _role_state(module)
+    calls = [0]
+
+    def run(*a, **k):
+        calls[0] += 1
+        if calls[0] == 1:  # the forward itself
+            return module(*a, **k)
+        now = _role_state(module)
+        _set_role_state(state)
+        try:
+            return module(*a, **k)
+        finally:
+            _set_role_state(now)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    if not getattr(model, "_supports_gradient_checkpointing", False):
+        raise bad_value("gradient_checkpointing", f"False ({type(model).__name__} does not support it)", True)
+    model.enable_gradient_checkpointing(checkpoint_in_role)
+
+
+def compile_regions(model: torch.nn.Module, **compile_kwargs) -> int:
+    """Regional compilation: the model's ``_repeated_blocks`` (diffusers' list) or, for models without
+    one, its ResNet blocks. Returns how many blocks were compiled."""
+    names = list(getattr(model, "_repeated_blocks", None) or ["ResnetBlock2D"])
+    n = 0
+    for sub in model.modules():
+        if sub.__class__.__name__ in names:
+            sub.compile(**compile_kwargs)
+            n += 1
+    return n
+
+
+class Applied:
+    """What ``apply`` changed on a run, so that ``release`` can give back a plain model."""
+
+    def __init__(self, run, rt: Runtime):
+        self.run, self.rt = run, rt
+        self.hooks: Optional[_AutocastHooks] = None
+        self._tf32_prev = None
+
+    def release(self) -> None:
+        """Remove the autocast hooks, restore TF32 flags and put the frozen weights back at the input
+        model's precision (from the untouched input: frozen weights were never trained)."""
+        if self.hooks is not None:
+            self.hooks.remove()
+            self.hooks = None
+        if self._tf32_prev is not None:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._tf32_prev
+            self._tf32_prev = None
+        restore_dtypes(self.run.model, self.run.original)
+
+
+def restore_dtypes(model: torch.nn.Module, original: torch.nn.Module) -> None:
+    """Give ``model`` the dtypes of ``original`` again: frozen weights are copied back from the
+    untouched original (exact), trained ones are cast (a bf16 input model gets a bf16 result); LoRA
+    adapters stay fp32 as peft keeps them. peft's ``base_layer`` names map onto the original names."""
+    orig = dict(original.named_parameters())
+    for name, p in model.named_parameters():
+        if _is_adapter(name):
+            continue
+        src = orig.get(name.replace(".base_layer", ""))
+        if src is None or src.dtype == p.dtype or src.shape != p.shape:
+            continue
+        if p.requires_grad:
+            p.data = p.data.to(src.dtype)
+        else:
+            p.data = src.detach().to(p.device).clone()
+
+
+def apply(run, rt: Runtime) -> Applied:
+    """Apply ``rt`` to ``run.model`` (after the method built its roles, so every adapter exists)."""
+    model = run.model
+    state = Applied(run, rt)
+    set_attention(model, rt.attention)
+    if rt.gradient_checkpointing:
+        enable_checkpointing(model)
+    cast_frozen(model, rt.dtype)
+    device = next(model.parameters()).device
+    if rt.precision != "fp32":
+        state.hooks = _AutocastHooks(model, device.type, rt.dtype)
+    run.dtype = torch.float32  # inputs in fp32; autocast picks the compute precision
+    if rt.tf32:  # global flags, read by CUDA matmuls/convolutions only (harmless elsewhere)
+        state._tf32_prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if rt.compile:
+        compile_regions(model)
+    return state
+
+
+@contextlib.contextmanager
+def autocast(rt: Runtime, device: torch.device):
+    """``torch.autocast`` for ``rt``'s precision (a no-op for fp32)."""
+    if rt.precision == "fp32":
+        yield
+    else:
+        with torch.autocast(device.type, dtype=rt.dtype):
+            yield

@@ -1,0 +1,80 @@
+"""Tiny text-to-image pipelines built locally from configs, for tests and examples: no download.
+
+``tiny_text_pipeline()`` returns a diffusers ``StableDiffusionPipeline`` whose parts have the real
+Stable Diffusion layout at toy size: a ``UNet2DConditionModel`` with cross-attention (``attn2``) blocks,
+a CLIP text encoder (``CLIPTextModel`` from a ``CLIPTextConfig``) and a byte-level BPE ``CLIPTokenizer``
+whose vocabulary and merges are written here (the byte alphabet, each byte as a word end, and whole-
+word merges for a small word list). There is no VAE: the UNet works directly on 4x8x8 "latents". The
+weights are random (seeded), which is enough to check that a method moves the predictions for a prompt
+where it should and leaves other prompts alone.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+# Words that become single tokens; anything else is spelled out byte by byte (still valid input).
+WORDS = ("a photo of an the in style by painting picture cat dog car tree house man woman bird flower "
+         "van gogh monet picasso red blue green church garbage truck parachute fish golf ball").split()
+
+
+def tiny_vocab(words: Iterable[str] = WORDS):
+    """(vocab, merges) of a CLIP-style BPE: byte alphabet, byte+"</w>", whole-word merges, BOS/EOS."""
+    from tokenizers import pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {}
+    for c in alphabet:
+        vocab.setdefault(c, len(vocab))
+    for c in alphabet:
+        vocab.setdefault(c + "</w>", len(vocab))
+    merges = []
+    for w in dict.fromkeys(words):
+        parts = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(parts) > 1:  # merge left to right: "c a" -> "ca", "ca t</w>" -> "cat</w>"
+            pair = (parts[0], parts[1])
+            if pair not in merges:
+                merges.append(pair)
+            parts = [parts[0] + parts[1]] + parts[2:]
+            vocab.setdefault(parts[0], len(vocab))
+    for s in (BOS, EOS):
+        vocab.setdefault(s, len(vocab))
+    return vocab, merges
+
+
+def tiny_tokenizer(words: Iterable[str] = WORDS, max_length: int = 16):
+    from transformers import CLIPTokenizer
+
+    vocab, merges = tiny_vocab(words)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def tiny_text_pipeline(seed: int = 0, sample_size: int = 8, hidden: int = 32, max_length: int = 16,
+                       words: Optional[Iterable[str]] = None):
+    """A random-weight ``StableDiffusionPipeline`` (no VAE, no safety checker) small enough for CPU tests:
+    UNet 4x8x8 with blocks (32, 64), cross-attention in the outer blocks, CLIP text encoder with 2 layers
+    of width ``hidden``, tokenizer of ``max_length`` tokens, DDPM scaled-linear scheduler (SD's)."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_tokenizer(words or WORDS, max_length)
+    vocab = tokenizer.get_vocab()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=max_length, bos_token_id=vocab[BOS],
+            eos_token_id=vocab[EOS], pad_token_id=vocab[EOS])).eval()
+        unet = UNet2DConditionModel(
+            sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=hidden,
+            attention_head_dim=8, norm_num_groups=8)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, clip_sample=False, steps_offset=1, prediction_type="epsilon")
+    return StableDiffusionPipeline(vae=None, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)

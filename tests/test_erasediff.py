@@ -1,0 +1,205 @@
+"""EraseDiff (spec §4): the step's gradient against the plain formulas, the λ rules against hand
+computations, data handling, option errors, and the end-to-end run on the bundled digits model."""
+import copy
+import math
+
+import pytest
+import torch
+
+import fastunlearn as fu
+from fastunlearn import ops
+from fastunlearn.errors import InvalidArgumentError
+from fastunlearn.methods import get_method
+from fastunlearn.methods.erasediff import adaptive_lambda, bome_lambda
+from fastunlearn.run import Run, step_generator
+
+
+def _run(tiny, forget, retain, B=8, forget_target=None, retain_target=None):
+    unet, sched = tiny
+    return Run(unet, sched, forget=(forget.images, forget.labels), retain=(retain.images, retain.labels),
+               forget_target=forget_target or forget, retain_target=retain_target or retain, batch_size=B, seed=0)
+
+
+def _method(run, **opts):
+    m = get_method("erasediff")(run, **opts)
+    m.setup()
+    return m
+
+
+def _hand_losses(model, run, d, forget_target):
+    """L_r and L_f of §4.1-4.2 written out with separate forwards (MEAN reduction)."""
+    gamma, sigma = run.gamma_sigma(d["t"])
+    g, s = gamma.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
+    x_r = g * d["keep"].x0 + s * d["noise_r"]
+    x_f = g * d["forget"].x0 + s * d["noise_f"]
+    pred_r = model(x_r, d["t"], class_labels=d["keep"].cond).sample
+    pred_f = model(x_f, d["t"], class_labels=d["forget"].cond).sample
+    if forget_target == "uniform":
+        target = d["noise_f"]
+    else:
+        with torch.no_grad():
+            target = model(x_f, d["t"], class_labels=d["relabel"]).sample
+    return ((pred_r - d["noise_r"]) ** 2).mean(), ((pred_f - target) ** 2).mean()
+
+
+def _grads(model, loss):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.autograd.grad(loss, params, retain_graph=True)
+
+
+@pytest.mark.parametrize("forget_target", ["relabel", "uniform"])
+def test_fixed_lambda_step_matches_plain_formula(tiny, digits_split, forget_target):
+    forget, retain = digits_split
+    run = _run(tiny, forget, retain)
+    m = _method(run, lambd=0.3, max_grad_norm=None, forget_target=forget_target)
+    d = m.draw(step_generator(0, 5))
+    model = copy.deepcopy(run.model)
+    l_r, l_f = _hand_losses(model, run, d, forget_target)
+    ref = _grads(model, l_r + 0.3 * l_f)
+    stats = m.step(5, step_generator(0, 5))
+    assert stats["loss_r"] == pytest.approx(float(l_r), rel=1e-4)
+    assert stats["loss_f"] == pytest.approx(float(l_f), rel=1e-4)
+    for p, r in zip(run.trainable_parameters(), ref):
+        torch.testing.assert_close(p.grad, r, rtol=1e-3, atol=1e-6)
+
+
+def test_draws_follow_the_options(tiny, digits_split):
+    forget, retain = digits_split  # forget: digit 3
+    run = _run(tiny, forget, retain)
+    d = _method(run).draw(step_generator(0, 0))
+    assert (d["t"][:4] + d["t"][4:] == 999).all()  # antithetic pairs
+    assert d["relabel"].unique().numel() == 1 and int(d["relabel"][0]) != 3  # one other class per batch
+    rows = set()
+    m = _method(run, relabel="row", antithetic_t=False)
+    for s in range(20):
+        rows |= set(m.draw(step_generator(0, s))["relabel"].tolist())
+    assert 3 not in rows and len(rows) == 9  # every other class, never the forgotten one
+    d = _method(run, forget_target="uniform").draw(step_generator(0, 0))
+    assert d["noise_f"].min() >= 0 and d["noise_f"].max() < 1 and d["relabel"] is None
+
+
+def test_adaptive_and_bome_rules_by_hand():
+    # g_r = (3, 4), g_f = (4, 3): ‖g_r‖² = ‖g_f‖² = 25, ⟨g_r, g_f⟩ = 24, cos = 0.96
+    assert adaptive_lambda(25.0, 25.0, 24.0, 0.1) == 0.0  # 0.1 − 0.96 < 0
+    assert adaptive_lambda(25.0, 25.0, -24.0, 0.1) == pytest.approx(0.1 + 24 / (25 + 1e-8))
+    assert adaptive_lambda(0.0, 25.0, 0.0, 0.1) == pytest.approx(0.1)  # zero norm: cos = 0, no NaN
+    assert adaptive_lambda(0.0, 0.0, 0.0, 0.1) == pytest.approx(0.1)
+    assert bome_lambda(25.0, 25.0, -24.0, 0.1) == pytest.approx((0.1 * 25 + 24) / 25)
+    assert bome_lambda(25.0, 25.0, 24.0, 0.1) == 0.0
+    assert bome_lambda(25.0, 0.0, 0.0, 0.1) == 0.0  # ∇f = 0: nothing to add
+    assert math.isfinite(bome_lambda(1.0, 1e-300, 1e-300, 0.1))
+
+
+@pytest.mark.parametrize("rule", ["adaptive", "bome"])
+def test_adaptive_step_combines_two_gradients(tiny, digits_split, rule):
+    forget, retain = digits_split
+    run = _run(tiny, forget, retain)
+    m = _method(run, lambda_rule=rule, eta_bome=0.5, max_grad_norm=0.05)
+    d = m.draw(step_generator(0, 2))
+    model = copy.deepcopy(run.model)
+    l_r, l_f = _hand_losses(model, run, d, "relabel")
+    g_r, g_f = _grads(model, l_r), _grads(model, l_f)
+    nr2 = sum(float((g.double() ** 2).sum()) for g in g_r)
+    nf2 = sum(float((g.double() ** 2).sum()) for g in g_f)
+    dot = sum(float((a.double() * b.double()).sum()) for a, b in zip(g_r, g_f))
+    if rule == "adaptive":
+        lam = max(0.5 - dot / (math.sqrt(nr2 * nf2) + 1e-8), 0.0)
+    else:
+        lam = max((0.5 * nf2 - dot) / nf2, 0.0)
+    full = [a + lam * b for a, b in zip(g_r, g_f)]
+    norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in full))
+    clip = min(1.0, 0.05 / (norm + 1e-6))
+    stats = m.step(2, step_generator(0, 2))
+    assert stats["lambd"] == pytest.approx(lam, rel=1e-4, abs=1e-7)
+    assert stats["clip"] == pytest.approx(clip, rel=1e-4)
+    for p, r in zip(run.trainable_parameters(), full):
+        torch.testing.assert_close(p.grad, clip * r, rtol=1e-3, atol=1e-7)
+
+
+def test_classes_target_generates_forget_images_and_drops_forgotten_retain_rows(tiny, digits_split):
+    forget, retain = digits_split
+    both = fu.DataPoints(torch.cat([forget.images, retain.images]), labels=torch.cat([forget.labels, retain.labels]))
+    run = _run(tiny, both, both, forget_target=fu.Classes([3]), retain_target=both)
+    m = _method(run, n_generate=6, generate_steps=3)
+    x0, labels = run.forget
+    assert x0.shape == (6, 1, 8, 8) and (labels == 3).all() and x0.abs().max() <= 1.0
+    assert not (run.retain[1] == 3).any() and len(run.retain[1]) == len(retain)
+    assert m.step(0, step_generator(0, 0))["loss"] > 0
+
+
+def test_erase_with_classes_and_retain_data_defaults_to_erasediff(tiny, digits_split):
+    _, retain = digits_split
+    unet, sched = tiny
+    res = fu.erase(unet, forget=fu.Classes([3]), retain=retain, scheduler=sched, steps=2, batch_size=4,
+                   n_generate=4, generate_steps=2, progress=False)
+    assert res.method == "erasediff" and len(res.history) == 2
+    assert all(math.isfinite(h["loss"]) for h in res.history)
+
+
+def test_unconditional_model_needs_the_uniform_target(make_tiny_unet, digits_split):
+    from fastunlearn.models import digits_scheduler
+
+    forget, retain = digits_split
+    unet, sched = make_tiny_unet(class_conditional=False), digits_scheduler()
+    f, r = fu.DataPoints(forget.images), fu.DataPoints(retain.images)
+    with pytest.raises(InvalidArgumentError, match="forget_target"):
+        fu.erase(unet, forget=f, retain=r, method="erasediff", scheduler=sched, steps=1, progress=False)
+    res = fu.erase(unet, forget=f, retain=r, method="erasediff", scheduler=sched, steps=2, batch_size=4,
+                   forget_target="uniform", progress=False)
+    assert len(res.history) == 2
+
+
+@pytest.mark.parametrize("opts,name", [
+    (dict(forget_target="noise"), "forget_target"),
+    (dict(lambd=-0.1), "lambd"),
+    (dict(lambda_rule="cosine"), "lambda_rule"),
+    (dict(params="bogus"), "params"),
+    (dict(relabel="sample"), "relabel"),
+    (dict(antithetic_t="yes"), "antithetic_t"),
+    (dict(n_generate=0), "n_generate"),
+    (dict(lamda=0.1), "lamda"),
+])
+def test_bad_options_name_the_option(tiny, digits_split, opts, name):
+    forget, retain = digits_split
+    unet, sched = tiny
+    with pytest.raises((InvalidArgumentError, TypeError), match=f"^{name}"):
+        fu.erase(unet, forget=forget, retain=retain, method="erasediff", scheduler=sched, progress=False, **opts)
+
+
+def test_missing_retain_is_a_clear_error(tiny, digits_split):
+    forget, _ = digits_split
+    unet, sched = tiny
+    with pytest.raises(InvalidArgumentError, match="^retain"):
+        fu.erase(unet, forget=forget, method="erasediff", scheduler=sched, progress=False)
+
+
+def test_mse_loss_is_the_mean_convention():
+    pred, target, w = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4), torch.tensor([0.5, 1.0, 2.0])
+    per_row = ((pred - target) ** 2).flatten(1).mean(1)
+    torch.testing.assert_close(ops.mse_loss(pred, target), per_row.mean())
+    torch.testing.assert_close(ops.mse_loss(pred, target, w), (w * per_row).sum() / 3)
+
+
+@pytest.mark.slow
+def test_erasediff_forgets_one_digit_and_keeps_the_rest():
+    import time
+
+    from fastunlearn.metrics import recognition_rates, summarize_classes
+
+    unet, sched = fu.zoo.digits()
+    data = fu.datasets.digits()
+    digit = 3
+    m = data.labels == digit
+    forget = fu.DataPoints(data.images[m], labels=data.labels[m])
+    retain = fu.DataPoints(data.images[~m], labels=data.labels[~m])
+    before = recognition_rates(unet, sched, range(10), n_per_class=100, seed=0)
+    t0 = time.perf_counter()
+    res = fu.erase(unet, forget=forget, retain=retain, method="erasediff", scheduler=sched, progress=False)
+    seconds = time.perf_counter() - t0
+    after = recognition_rates(res.model, sched, range(10), n_per_class=100, seed=0)
+    s = summarize_classes(before, after, [digit])
+    print(f"erasediff: {s['forget_rate_before']:.2f} -> {s['forget_rate_after']:.2f}, kept "
+          f"{s['retain_ratio_mean']:.3f} (min {s['retain_ratio_min']:.3f}), {seconds:.0f} s")
+    assert s["forget_rate_before"] >= 0.75, s
+    assert s["forget_rate_after"] <= 0.02, s
+    assert s["retain_ratio_mean"] >= 0.95, s

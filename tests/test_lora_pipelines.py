@@ -1,0 +1,166 @@
+"""LoRA output end to end on tiny SD and SDXL pipelines built here (random weights, local tokenizers).
+
+For every concept-capable method in the registry: erase a concept with ``lora_rank``, save, load the
+file into a fresh pipeline with diffusers' own ``pipe.load_lora_weights(dir)``, check that the loaded
+UNet predicts exactly what the trained one does, and generate. The input pipeline is never changed.
+"""
+import pytest
+import torch
+
+import fastunlearn as fu
+from fastunlearn.lora import LORA_WEIGHT_NAME, has_lora
+from fastunlearn.methods import REGISTRY
+
+CONCEPT_METHODS = sorted(n for n, cls in REGISTRY.items() if "concept" in cls.targets)
+# Small and fast: a few sampling steps for ESD's x_t, few steps everywhere.
+FAST_OPTIONS = {"esd": {"ddim_steps": 3}}
+
+
+def tiny_vae(sample_size=16):
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                             norm_num_groups=4, sample_size=sample_size).eval()
+
+
+def tiny_sd():
+    """fastunlearn.text's tiny SD pipeline with a tiny VAE attached, so that it generates images."""
+    from diffusers import StableDiffusionPipeline
+
+    from fastunlearn.text import tiny_text_pipeline
+
+    p = tiny_text_pipeline(seed=0)
+    return StableDiffusionPipeline(vae=tiny_vae(), text_encoder=p.text_encoder, tokenizer=p.tokenizer, unet=p.unet,
+                                   scheduler=p.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def tiny_xl():
+    from fastunlearn.sdxl import tiny_sdxl_pipeline
+
+    return tiny_sdxl_pipeline(seed=0)
+
+
+BUILDERS = {"sd": tiny_sd, "sdxl": tiny_xl}
+
+
+def _erase_args(method, pipe):
+    cls = REGISTRY[method]
+    kw = dict(method=method, lora_rank=4, steps=2, batch_size=2, progress=False, **FAST_OPTIONS.get(method, {}))
+    retain = ["a photo of a cat", "a red car"]
+    if cls.needs_retain:
+        x = torch.randn(4, *_sample_shape(pipe.unet))
+        retain = fu.DataPoints(x, prompts=["a photo of a cat", "a red car", "a tree", "a house"])
+    return fu.Concept("van gogh style painting", anchor="a painting"), retain, kw
+
+
+def _sample_shape(unet):
+    cfg = unet.config
+    return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+
+def _predict(unet, cond, seed=0):
+    """ε for two fixed noisy inputs at two timesteps under ``cond`` (a prompt-embedding dict)."""
+    x = torch.randn(2, *_sample_shape(unet), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return unet(x, torch.tensor([50, 700]), **cond).sample
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+@pytest.mark.parametrize("method", CONCEPT_METHODS)
+def test_lora_result_loads_into_a_fresh_pipeline(tmp_path, kind, method):
+    pipe = BUILDERS[kind]()
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    forget, retain, kw = _erase_args(method, pipe)
+    res = fu.erase(pipe, forget=forget, retain=retain, **kw)
+
+    # The input pipeline is untouched: same weights, no adapter injected.
+    assert not has_lora(pipe.unet)
+    after = pipe.unet.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+    out = res.save(tmp_path / "r")
+    assert (out / LORA_WEIGHT_NAME).exists()
+
+    fresh = BUILDERS[kind]()  # same seed: the same base weights, as from_pretrained would give
+    fresh.load_lora_weights(str(out))
+    enc = res.extras["encode_prompts"]
+    cond = enc(["van gogh style painting", "a photo of a cat"])
+    base = _predict(pipe.unet, cond)
+    # SFD delivers the one-step generator G_θ: its adapter is the LoRA file (the fake score is in fake_score/)
+    delivered = res.generator if res.generator is not None else res.model
+    trained = _predict(delivered, cond)
+    loaded = _predict(fresh.unet, cond)
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(loaded, base, atol=1e-7)  # the adapter did train
+
+    img = fresh("van gogh style painting", num_inference_steps=2, height=16, width=16, output_type="pt",
+                generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 3, 16, 16) and torch.isfinite(img).all()
+
+    back = fu.load(out)  # a pipeline built in memory has no folder to refer to: full weights were written too
+    torch.testing.assert_close(_predict(back.model, cond), _predict(res.model, cond), atol=1e-5, rtol=1e-4)
+    if res.generator is not None:
+        torch.testing.assert_close(_predict(back.generator, cond), trained, atol=1e-5, rtol=1e-4)
+        # ... and the LoRA files alone rebuild both roles on the base
+        lora_only = fu.load(out, base=pipe)
+        torch.testing.assert_close(_predict(lora_only.generator, cond), trained, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(_predict(lora_only.model, cond), _predict(res.model, cond), atol=1e-5, rtol=1e-4)
+
+
+def test_sdxl_conditioning_has_both_encoders_and_time_ids():
+    from fastunlearn.sdxl import resolve
+
+    pipe = tiny_xl()
+    unet, sched, extras = resolve(pipe)
+    c = extras["encode_prompts"](["a photo of a cat", ""])
+    d1, d2 = pipe.text_encoder.config.hidden_size, pipe.text_encoder_2.config.hidden_size
+    assert c["encoder_hidden_states"].shape == (2, pipe.tokenizer.model_max_length, d1 + d2)
+    assert c["added_cond_kwargs"]["text_embeds"].shape == (2, pipe.text_encoder_2.config.projection_dim)
+    assert c["added_cond_kwargs"]["time_ids"][0].tolist() == [16.0, 16.0, 0.0, 0.0, 16.0, 16.0]
+    # "" is SDXL's unconditional branch: zeros with force_zeros_for_empty_prompt (as the pipeline does)
+    assert not c["encoder_hidden_states"][1].any() and not c["added_cond_kwargs"]["text_embeds"][1].any()
+    assert c["encoder_hidden_states"][0].abs().sum() > 0
+    # the same embeddings the pipeline computes for its UNet
+    pe, _, pooled, _ = pipe.encode_prompt("a photo of a cat", do_classifier_free_guidance=False)
+    torch.testing.assert_close(c["encoder_hidden_states"][:1], pe.float())
+    torch.testing.assert_close(c["added_cond_kwargs"]["text_embeds"][:1], pooled.float())
+
+
+def test_lora_only_result_needs_and_checks_its_base(tmp_path):
+    """save(fused=False) writes only the adapter; load(base=...) checks the base by fingerprint."""
+    pipe = tiny_sd()
+    res = fu.erase(pipe, forget=fu.Concept("van gogh style painting"), method=CONCEPT_METHODS[0], lora_rank=4,
+                   steps=1, batch_size=2, progress=False, **FAST_OPTIONS.get(CONCEPT_METHODS[0], {}))
+    out = res.save(tmp_path / "lora", fused=False)
+    assert not (out / "unet").exists()
+    with pytest.raises(fu.errors.MissingFileError, match="base="):
+        fu.load(out)
+    back = fu.load(out, base=pipe)
+    cond = res.extras["encode_prompts"](["van gogh style painting", "a tree"])
+    torch.testing.assert_close(_predict(back.model, cond), _predict(res.model, cond), atol=1e-5, rtol=1e-4)
+    other = BUILDERS["sd"]()
+    with torch.no_grad():
+        next(other.unet.parameters()).add_(1e-3)  # a different base must be refused
+    with pytest.raises(fu.errors.InvalidArgumentError, match="fingerprint"):
+        fu.load(out, base=other)
+
+
+def test_result_on_a_folder_base_refers_to_it(tmp_path):
+    """A base loaded from disk is referred to (no full copy written) and found again by fu.load."""
+    from fastunlearn.models import load_unet
+
+    pipe = tiny_sd()
+    pipe.unet.save_pretrained(tmp_path / "base")
+    pipe.unet = load_unet(tmp_path / "base")
+    res = fu.erase(pipe, forget=fu.Concept("van gogh style painting"), method=CONCEPT_METHODS[0], lora_rank=4,
+                   steps=1, batch_size=2, progress=False, **FAST_OPTIONS.get(CONCEPT_METHODS[0], {}))
+    out = res.save(tmp_path / "r")
+    assert (out / LORA_WEIGHT_NAME).exists() and not (out / "unet").exists()
+    back = fu.load(out)
+    cond = res.extras["encode_prompts"](["van gogh style painting", "a tree"])
+    torch.testing.assert_close(_predict(back.model, cond), _predict(res.model, cond), atol=1e-5, rtol=1e-4)
+    assert (res.save(tmp_path / "f", fused=True) / "unet").is_dir()
