@@ -19,8 +19,9 @@ graph, how many gradient buffers are alive at once):
 
 * ``siss``: one forward of the B-row mixture batch, two VJPs (ℓ_x then ℓ_a) into fresh gradient tensors,
   no teacher. ``siss-nois``: two B-row forwards, two VJPs. ``naive``/``neggrad``: one forward, one VJP.
-* ``erasediff``: a no-grad forward of the forget batch (the relabelled target), retain and forget
-  forwards with graphs, two VJPs (the adaptive λ needs both gradients).
+* ``erasediff``: one forward of the retain and forget rows concatenated (2B rows, with graph), the
+  relabelled target's no-grad forward of the B forget rows, one VJP of L_r + λ L_f (the default fixed λ;
+  the adaptive rules take a second VJP on the same graph, whose gradients are small next to it).
 * ``esd``: x_t sampling with the frozen teacher (no grad, CFG: 2 rows per trajectory, a pool of 2B
   trajectories), the teacher's c and ∅ evaluations as one 2B-row no-grad forward, the student's B-row
   forward and backward; without LoRA a frozen copy of the trained subset (``esd-x``: ``attn2``) only.
@@ -586,15 +587,17 @@ class _Step:
     _neggrad = _naive
 
     def _erasediff(self):
+        # As methods/erasediff.py (default lambda_rule="fixed"): one forward of the retain and forget rows
+        # concatenated (2B rows, with graph), the relabel target's no-grad forward of the forget rows while
+        # that graph is alive, one VJP of L_r + λ L_f.
         B = self.B
-        x_f, x_r, noise = self.latents(B), self.latents(B), self.latents(B)
+        x, noise = self.latents(2 * B), self.latents(2 * B)
+        pred = self.student(x, self.cond(2 * B))
         with torch.no_grad():
-            target = self.student(x_f, self.cond(B))  # relabelled target for the forget batch
-        loss_r = self.mse(self.student(x_r, self.cond(B)), noise)
-        loss_f = self.mse(self.student(x_f, self.cond(B)), target)
-        g_f = self.grads(loss_f, self.theta, retain=True)
-        g_r = self.grads(loss_r, self.theta)
-        self.write_and_step(self.theta, [a + b for a, b in zip(g_r, g_f)], self.opt)
+            target = self.student(x[B:], self.cond(B))
+        loss = self.mse(pred[:B], noise[:B]) + 0.1 * self.mse(pred[B:], target)
+        del pred, target
+        self.write_and_step(self.theta, self.grads(loss, self.theta), self.opt)
 
     def _esd(self):
         B = self.B

@@ -354,7 +354,8 @@ class SFD(Method):
         """nan_to_num and the official value clip (§5.3, §5.4), straight into ``p.grad``."""
         c = self.opts["clip_value"]
         for p, g in zip(params, grads):
-            g = torch.zeros_like(p) if g is None else torch.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5)
+            # in place: autograd's tuple still holds g, an out-of-place copy would be a second full-size gradient
+            g = torch.zeros_like(p) if g is None else g.nan_to_num_(nan=0.0, posinf=1e5, neginf=-1e5)
             p.grad = g.clamp_(-c, c) if c is not None else g
 
     # ------------------------------------------------------------------ the two updates
