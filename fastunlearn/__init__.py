@@ -11,6 +11,7 @@ from .targets import Classes, Concept, DataPoints  # noqa: E402
 from .api import erase  # noqa: E402
 from .result import Result, load  # noqa: E402
 from .evaluation import evaluate  # noqa: E402
+from .planner import plan  # noqa: E402
 from . import datasets, errors, zoo  # noqa: E402
 
-__all__ = ["erase", "evaluate", "load", "Result", "Classes", "Concept", "DataPoints", "datasets", "zoo", "errors", "__version__"]
+__all__ = ["erase", "evaluate", "load", "plan", "Result", "Classes", "Concept", "DataPoints", "datasets", "zoo", "errors", "__version__"]

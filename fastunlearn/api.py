@@ -22,6 +22,7 @@ from .result import Result
 from .run import Run
 from .targets import Classes, Concept, DataPoints
 from .train import OPTIMIZERS, make_optimizer, train
+from . import distributed as _distributed
 from . import runtime as _runtime
 from . import validation as _validation
 
@@ -188,9 +189,12 @@ def erase(model, forget, retain=None, method: Optional[str] = None, scheduler=No
             raise bad_value("output_dir", "a folder (checkpoint_every needs somewhere to write)", None)
     if resume and output_dir is None:
         raise bad_value("output_dir", "the folder of the run to resume", None)
+    _distributed.check_args(checkpoint_every, resume)
     opts = cls.resolve_options(method_options)
 
     unet, scheduler, extras = resolve_model(model, scheduler)
+    if isinstance(model, (str, Path)) and _distributed.world_size() > 1:
+        unet = unet.to(_distributed.device())  # loaded here, so ours to move: each process on its own device
     den = Denoiser(unet)
     _validation.check_target_fits(forget, den)
     if isinstance(forget, Classes):
@@ -205,7 +209,7 @@ def erase(model, forget, retain=None, method: Optional[str] = None, scheduler=No
     if cls.needs_forget_data and forget_data is None:
         raise bad_value("forget", f"fu.DataPoints (method {method!r} needs the images to forget)", type(forget).__name__)
 
-    d = cls.defaults
+    d = cls.defaults_for(forget, opts, lora_rank) if hasattr(cls, "defaults_for") else cls.defaults  # per target
     steps = steps or d.get("steps", 100)
     batch_size = batch_size or d.get("batch_size", 16)
     lr = lr or d.get("lr", 1e-4)
@@ -231,13 +235,16 @@ def erase(model, forget, retain=None, method: Optional[str] = None, scheduler=No
     m = cls(run, **opts)
     m.setup()
     rt = _runtime.resolve(precision, gradient_checkpointing, attention, compile, tf32, model=run.model)
-    applied = _runtime.apply(run, rt)  # after setup: every role's adapter exists and stays fp32
+    applied = _runtime.apply(run, rt, method=m)  # after setup: every role exists; adapters stay fp32
+    dp = _distributed.attach(run, m)  # None unless launched as several processes (accelerate launch)
     params = m.trainable_parameters()
     opt = make_optimizer(optimizer, params, lr, betas=d.get("betas", (0.9, 0.999)),
                          weight_decay=d.get("weight_decay", 0.0), eps=d.get("eps", 1e-8))
     start_step, history = ckpt.restore(run, m, opt) if ckpt is not None else (0, [])
-    history = train(m, opt, steps, seed, start_step=start_step, history=history, progress=progress,
+    history = train(m, opt, steps, seed, start_step=start_step, history=history,
+                    progress=progress and (dp is None or dp.rank == 0),
                     max_nonfinite=max_nonfinite, on_step_end=ckpt.on_step_end if ckpt is not None else None)
+    drift = dp.detach() if dp is not None else None
     applied.release()
     seconds = time.perf_counter() - t_start
     meta = {
@@ -247,6 +254,8 @@ def erase(model, forget, retain=None, method: Optional[str] = None, scheduler=No
         "forget": repr(forget)[:500], "skipped_steps": sum(1 for h in history if h.get("skipped")),
         "resumed_from_step": ckpt.resumed_from if ckpt is not None else None,
     }
+    if dp is not None:  # data-parallel: processes and the largest weight difference between them (0.0)
+        meta.update(processes=dp.size, process_weight_drift=drift)
     try:
         import diffusers
         meta["diffusers_version"] = diffusers.__version__

@@ -63,6 +63,9 @@ SETTINGS = ("class", "data")
 METHOD_SETTINGS = {
     # SFD is data-free (§5): it keeps the other classes by distilling them, so it gets their ids.
     "sfd": {"retain": "classes"},
+    # EraseDiff (§4) trains on the images to forget and the retain images (it takes Classes too, but would
+    # then generate stand-ins for data the benchmark has).
+    "erasediff": {"forget": "datapoints", "retain": "data"},
 }
 QUICK = dict(steps=10, n_per_class=20, n_samples=200, num_inference_steps=25)
 FULL = dict(steps=None, n_per_class=100, n_samples=1000, num_inference_steps=50)

@@ -23,6 +23,7 @@ def _parse_option(text: str):
 
 
 _DATA_METHODS = ("siss", "siss-nois", "naive", "neggrad")
+_DATA_FREE = ("esd", "sfd")  # they refuse retain images
 
 
 def _erase(args):
@@ -47,7 +48,7 @@ def _erase(args):
         scheduler = None
         if model == "digits":
             model, scheduler = fu.zoo.digits()
-            if args.classes and args.data is None and retain is None:
+            if args.classes and args.data is None and retain is None and args.method not in _DATA_FREE:
                 # The bundled model's own training data: forget = that class's images, retain = the rest.
                 data = fu.datasets.digits()
                 hit = torch.isin(data.labels, torch.tensor(forget.ids))
@@ -63,6 +64,10 @@ def _erase(args):
                        output_dir=args.out if (args.checkpoint_every or args.resume) else None,
                        checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.no_progress,
                        **options)
+        from .distributed import is_main_process
+
+        if not is_main_process():  # accelerate launch: every process trained the same weights; one writes
+            return
         path = res.save(args.result_dir or args.out, overwrite=args.overwrite)
     except FastUnlearnError as e:
         print(f"fastunlearn erase: error: {e}", file=sys.stderr)

@@ -5,7 +5,9 @@ UNet from its config under ``torch._subclasses.FakeTensorMode`` (tensors with sh
 storage: a 2.6 B-parameter SDXL UNet costs no memory and traces in seconds on a CPU) and runs one
 training step of the method on it, with the same roles, the same switches (``fastunlearn.runtime``)
 and the same LoRA layout as ``erase()``. A TorchDispatchMode follows every storage from allocation to
-release and records the peak and what was live at that moment:
+release and records the peak and what was live at that moment (the parts below are that moment's; a
+parameter's gradient counts as a gradient from the moment the backward produces it, and when the
+gradients peak later, below the total, a note says how large they get):
 
 * weights: the frozen base, in the run's precision (one copy: with LoRA the teacher is the base with
   adapters off, never a second UNet), plus the pipeline's resident text encoders and VAE;
@@ -13,6 +15,9 @@ release and records the peak and what was live at that moment:
 * activations: saved tensors and transients of the forward and backward passes;
 * workspace: what a trace cannot see (CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation),
   an estimate of 0.5 GiB + 5% of the traced peak (``spec/performance.md`` §1.5 budgets 1.0-1.5 GiB).
+
+Not counted: the model object passed to ``erase()``. ``erase()`` trains a copy on the input's device and
+never modifies the input, so an input UNet already on the GPU adds one more copy of the weights there.
 
 Each method's step is modelled on its implementation (the passes, their batch, which of them keep a
 graph, how many gradient buffers are alive at once):
@@ -22,7 +27,7 @@ graph, how many gradient buffers are alive at once):
 * ``erasediff``: one forward of the retain and forget rows concatenated (2B rows, with graph), the
   relabelled target's no-grad forward of the B forget rows, one VJP of L_r + λ L_f (the default fixed λ;
   the adaptive rules take a second VJP on the same graph, whose gradients are small next to it).
-* ``esd``: x_t sampling with the frozen teacher (no grad, CFG: 2 rows per trajectory, a pool of 2B
+* ``esd``: x_t sampling with the frozen teacher (no grad, CFG: 2 rows per trajectory, a pool of 4B
   trajectories), the teacher's c and ∅ evaluations as one 2B-row no-grad forward, the student's B-row
   forward and backward; without LoRA a frozen copy of the trained subset (``esd-x``: ``attn2``) only.
 * ``sfd``: generator, fake score and teacher as LoRA roles on one base (or three modules without LoRA):
@@ -34,8 +39,11 @@ The methods' data and prompt embeddings are small next to these and are traced a
 low precision the trace applies CUDA's autocast policy for the norms (GroupNorm and LayerNorm run in
 fp32 and keep fp32 outputs), which CPU autocast does not do.
 
-Checked against real peaks measured on CPU for small configs (``tests/test_planner.py``: the same trace on
-real tensors, and the real method steps of ``erase()``), within 15%.
+Checked against real peaks measured on CPU for small configs (``tests/test_planner.py``): the real
+training steps of ``erase()`` for every method, LoRA and full weights, with and without checkpointing,
+followed by the same byte counter on real tensors, agree with the plan within 1% (the test allows 15%);
+the fake trace equals the same trace on real tensors byte for byte. On CUDA the check is against
+``torch.cuda.max_memory_allocated`` (a gpu-marked test).
 """
 from __future__ import annotations
 
@@ -194,6 +202,7 @@ class LiveBytes(TorchDispatchMode):
         self.current = 0
         self.peak = 0
         self.at_peak: dict = {}
+        self.most = Counter()     # each category's own maximum over the step (gradients peak after the total)
         self.category = "activations"
 
     def _storage_key(self, t):
@@ -213,6 +222,7 @@ class LiveBytes(TorchDispatchMode):
         n = s.nbytes()
         self.live[key] = [n, category]
         self.by_cat[category] += n
+        self.most[category] = max(self.most[category], self.by_cat[category])
         self.current += n
         weakref.finalize(s, self._free, key)
         if self.current > self.peak:
@@ -227,6 +237,7 @@ class LiveBytes(TorchDispatchMode):
             return
         self.by_cat[entry[1]] -= entry[0]
         self.by_cat[category] += entry[0]
+        self.most[category] = max(self.most[category], self.by_cat[category])
         entry[1] = category
 
     def _free(self, key):
@@ -601,7 +612,7 @@ class _Step:
 
     def _esd(self):
         B = self.B
-        P = 2 * B  # trajectory pool: 2B trajectories, CFG doubles the rows of each sampling forward
+        P = 4 * B  # trajectory pool: 4B trajectories (methods/esd.py's pool_size), CFG doubles the sampling rows
         pool = torch.stack([self.latents(P) for _ in range(50)])  # the pool: 50 DDIM states of P trajectories
         self.teacher_eval(self.latents(2 * P), self.cond(2 * P))
         x_t = self.latents(B)
@@ -657,7 +668,8 @@ def trace(spec, *, method, resolution, batch_size, lora_rank, precision, gradien
     if optimizer == "adamw8bit":
         extra = step._bnb_state(step.theta) + (step._bnb_state(step.psi) if step.psi else 0)
         parts["optimizer"] += extra
-    return {"parts": parts, "peak": sum(parts.values()), "counts": step.trainable_counts()}
+    return {"parts": parts, "peak": sum(parts.values()), "counts": step.trainable_counts(),
+            "gradients_most": int(tracker.most.get("gradients", 0))}
 
 
 # ============================================================================ plan() and --auto
@@ -702,6 +714,11 @@ def _evaluate(spec, name, method, resolution, batch, rank, precision, ckpt, opti
                 fits=None if vram is None else peak <= vram * GiB, auto=auto,
                 trace_seconds=round(time.perf_counter() - t0, 2),
                 params={**tr["counts"], "pipeline_extras_bytes": extras_bytes})
+    if tr["gradients_most"] > parts["gradients"] + GiB / 200:
+        # Honest about the split: the parts are what is live at the peak, which falls where a backward
+        # starts (all activations saved, few gradients yet); the gradients peak later, below it.
+        plan.notes.append(f"the parts are those live at the peak; gradients reach "
+                          f"{tr['gradients_most'] / GiB:.2f} GiB later in the step, when the activations are freed")
     return plan
 
 
@@ -715,11 +732,16 @@ def plan(model="sdxl", method: str = "siss", resolution: Optional[int] = None, v
     Settings left as None take ``erase()``'s defaults (the method's batch size and optimizer, full
     weights, bf16 on GPU, no checkpointing), except with ``auto`` (the default when ``vram`` is given),
     where the planner picks the ones left open so that the run fits in ``vram`` GiB: LoRA rank 16, bf16,
-    then checkpointing off or on, AdamW or 8-bit AdamW, and the largest batch up to the method's default
-    (powers of two), preferring no checkpointing (it costs ~48% more compute, ``spec/performance.md`` §6.1).
+    AdamW or 8-bit AdamW, and the largest batch up to the method's default (powers of two), without
+    gradient checkpointing when that reaches the default batch, else with it if that allows a larger batch
+    (checkpointing costs ~48% more compute, ``spec/performance.md`` §6.1, but a batch of 1 or 2 costs more).
     """
     _validate(method, resolution, batch_size, lora_rank, precision, gradient_checkpointing, optimizer, attention,
               vram)
+    if auto is not None and not isinstance(auto, bool):
+        raise bad_type("auto", "True, False or None", auto)
+    if auto and vram is None:
+        raise bad_value("vram", "the GPU memory in GiB (auto picks the settings that fit in it)", None)
     spec = load_spec(model)
     name = spec.get("name", str(model))
     kind = _unet_kind(spec)
@@ -738,8 +760,6 @@ def plan(model="sdxl", method: str = "siss", resolution: Optional[int] = None, v
     if not auto:
         return ev(batch_size or default_batch, lora_rank, precision or "bf16", bool(gradient_checkpointing),
                   optimizer or d.get("optimizer", "adamw"))
-    if vram is None:
-        raise bad_value("vram", "the GPU memory in GiB (auto picks the settings that fit in it)", None)
     rank = lora_rank if lora_rank is not None else 16
     prec = precision or "bf16"
     ckpts = [gradient_checkpointing] if gradient_checkpointing is not None else [False, True]
@@ -762,17 +782,13 @@ def plan(model="sdxl", method: str = "siss", resolution: Optional[int] = None, v
                 return p
         return None
 
-    for ckpt in ckpts:
+    def largest_fit(ckpt):
+        """The plan with the largest batch (powers of two up to the method's default) that fits, or None."""
         if batch_size is not None:
-            p = first_fit(batch_size, ckpt)
-            if p is not None:
-                return p
-            continue
+            return first_fit(batch_size, ckpt)
         # The peak is affine in the batch: B=1 and B=2 give the line, larger picks are traced to confirm.
         p1 = first_fit(1, ckpt)
-        if p1 is None:
-            continue
-        if default_batch == 1:
+        if p1 is None or default_batch == 1:
             return p1
         p2 = first_fit(2, ckpt)
         if p2 is None:
@@ -787,6 +803,25 @@ def plan(model="sdxl", method: str = "siss", resolution: Optional[int] = None, v
                 return p
             b //= 2
         return p2
+
+    # The batch matters more than checkpointing's ~48% extra compute (a batch of 1 or 2 gives noisy
+    # gradients and idles the GPU): checkpointing is tried when the default batch does not fit without
+    # it, and the larger batch wins; at equal batch, no checkpointing.
+    found = []
+    for ckpt in ckpts:
+        p = largest_fit(ckpt)
+        if p is not None:
+            found.append(p)
+            if p.batch_size >= (batch_size or default_batch):
+                break
+    if found:
+        best = max(found, key=lambda p: (p.batch_size, not p.gradient_checkpointing))
+        if len(found) > 1:
+            other = next(p for p in found if p is not best)
+            best.notes.append(f"checkpointing {'on' if best.gradient_checkpointing else 'off'}: batch "
+                              f"{best.batch_size} fits, {other.batch_size} with it "
+                              f"{'on' if other.gradient_checkpointing else 'off'}")
+        return best
     best = min(tried, key=lambda p: p.peak_gib)
     best.notes.append(f"nothing tried fits in {_fmt(vram)} GiB; this is the smallest planned peak")
     return best

@@ -223,19 +223,21 @@ class Applied:
 
     def __init__(self, run, rt: Runtime):
         self.run, self.rt = run, rt
-        self.hooks: Optional[_AutocastHooks] = None
+        self.hooks: list = []
+        self.roles: list = []
         self._tf32_prev = None
 
     def release(self) -> None:
         """Remove the autocast hooks, restore TF32 flags and put the frozen weights back at the input
         model's precision (from the untouched input: frozen weights were never trained)."""
-        if self.hooks is not None:
-            self.hooks.remove()
-            self.hooks = None
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
         if self._tf32_prev is not None:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._tf32_prev
             self._tf32_prev = None
-        restore_dtypes(self.run.model, self.run.original)
+        for m in [self.run.model, *self.roles]:  # the roles are copies of the input: same names
+            restore_dtypes(m, self.run.original)
 
 
 def restore_dtypes(model: torch.nn.Module, original: torch.nn.Module) -> None:
@@ -255,23 +257,48 @@ def restore_dtypes(model: torch.nn.Module, original: torch.nn.Module) -> None:
             p.data = src.detach().to(p.device).clone()
 
 
-def apply(run, rt: Runtime) -> Applied:
-    """Apply ``rt`` to ``run.model`` (after the method built its roles, so every adapter exists)."""
-    model = run.model
+def role_modules(method, run) -> list:
+    """The denoisers a method built besides ``run.model`` (SFD without LoRA: the fake score and the teacher
+    are copies), found among its attributes and one level down (e.g. SFD's ``roles``). With LoRA every
+    role is ``run.model`` itself and this is empty."""
+    from diffusers import ModelMixin
+
+    seen, out = {id(run.model), id(run.original)}, []
+
+    def visit(obj, depth):
+        for v in vars(obj).values():
+            if isinstance(v, ModelMixin):
+                if id(v) not in seen:
+                    seen.add(id(v))
+                    out.append(v)
+            elif (depth == 0 and v is not run and not isinstance(v, torch.nn.Module) and hasattr(v, "__dict__")
+                  and type(v).__module__.startswith("fastunlearn")):
+                visit(v, depth + 1)
+
+    if method is not None:
+        visit(method, 0)
+    return out
+
+
+def apply(run, rt: Runtime, method=None) -> Applied:
+    """Apply ``rt`` to ``run.model`` and to the method's other role networks (``role_modules``), after the
+    method built its roles, so every adapter exists."""
     state = Applied(run, rt)
-    set_attention(model, rt.attention)
-    if rt.gradient_checkpointing:
-        enable_checkpointing(model)
-    cast_frozen(model, rt.dtype)
-    device = next(model.parameters()).device
-    if rt.precision != "fp32":
-        state.hooks = _AutocastHooks(model, device.type, rt.dtype)
+    state.roles = role_modules(method, run)
+    device = next(run.model.parameters()).device
+    for model in [run.model, *state.roles]:
+        set_attention(model, rt.attention)
+        if rt.gradient_checkpointing:
+            enable_checkpointing(model)
+        cast_frozen(model, rt.dtype)
+        if rt.precision != "fp32":
+            state.hooks.append(_AutocastHooks(model, device.type, rt.dtype))
+        if rt.compile:
+            compile_regions(model)
     run.dtype = torch.float32  # inputs in fp32; autocast picks the compute precision
     if rt.tf32:  # global flags, read by CUDA matmuls/convolutions only (harmless elsewhere)
         state._tf32_prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if rt.compile:
-        compile_regions(model)
     return state
 
 

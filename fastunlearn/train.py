@@ -72,7 +72,7 @@ def train(method, optimizer, steps: int, seed: int, *, start_step: int = 0, hist
         stats = {**stats, "step": step, "skipped": not ok, "seconds": time.perf_counter() - t0}
         history.append(stats)
         if progress and "loss" in stats:
-            bar.set_postfix(loss=f"{stats['loss']:.4g}")
+            bar.set_postfix(loss=f"{stats['loss']:.4g}", refresh=False)  # printed at the bar's own pace
         if on_step_end is not None:
             on_step_end(step + 1, history)
     for p in params:

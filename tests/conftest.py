@@ -23,6 +23,17 @@ def tiny_unet(class_conditional=True, null=True):
     return unet
 
 
+@pytest.fixture(scope="session")
+def digits_rates_before():
+    """Per-digit recognition rates of the bundled digits model (100 DDIM samples per label, seed 0), computed
+    once per session for the end-to-end class-erasure tests (about 40 s on one core)."""
+    import fastunlearn as fu
+    from fastunlearn.metrics import recognition_rates
+
+    unet, sched = fu.zoo.digits()
+    return recognition_rates(unet, sched, range(10), n_per_class=100, seed=0)
+
+
 @pytest.fixture
 def make_tiny_unet():
     """The ``tiny_unet`` builder as a fixture: under --import-mode=importlib tests cannot import conftest."""

@@ -57,8 +57,8 @@ def test_fixed_lambda_step_matches_plain_formula(tiny, digits_split, forget_targ
     l_r, l_f = _hand_losses(model, run, d, forget_target)
     ref = _grads(model, l_r + 0.3 * l_f)
     stats = m.step(5, step_generator(0, 5))
-    assert stats["loss_r"] == pytest.approx(float(l_r), rel=1e-4)
-    assert stats["loss_f"] == pytest.approx(float(l_f), rel=1e-4)
+    assert stats["loss_r"] == pytest.approx(l_r.item(), rel=1e-4)
+    assert stats["loss_f"] == pytest.approx(l_f.item(), rel=1e-4)
     for p, r in zip(run.trainable_parameters(), ref):
         torch.testing.assert_close(p.grad, r, rtol=1e-3, atol=1e-6)
 
@@ -74,8 +74,22 @@ def test_draws_follow_the_options(tiny, digits_split):
     for s in range(20):
         rows |= set(m.draw(step_generator(0, s))["relabel"].tolist())
     assert 3 not in rows and len(rows) == 9  # every other class, never the forgotten one
+    t = m.draw(step_generator(0, 0))["t"]
+    assert not (t[:4] + t[4:] == 999).all()  # antithetic_t=False: independent timesteps
     d = _method(run, forget_target="uniform").draw(step_generator(0, 0))
     assert d["noise_f"].min() >= 0 and d["noise_f"].max() < 1 and d["relabel"] is None
+
+
+def test_relabel_onto_a_fixed_class(tiny, digits_split):
+    forget, retain = digits_split  # forget: digit 3
+    d = _method(_run(tiny, forget, retain), relabel=5).draw(step_generator(0, 0))
+    assert (d["relabel"] == 5).all() and len(d["relabel"]) == 8
+    both = fu.DataPoints(torch.cat([forget.images, retain.images]), labels=torch.cat([forget.labels, retain.labels]))
+    run = _run(tiny, both, both, forget_target=fu.Classes([3], override=7), retain_target=both)
+    d = _method(run, n_generate=2, generate_steps=1).draw(step_generator(0, 1))
+    assert (d["relabel"] == 7).all()  # fu.Classes' safe class is the anchor when no class is named
+    with pytest.raises(InvalidArgumentError, match="^relabel"):
+        _method(_run(tiny, forget, retain), relabel=3)  # the forgotten class itself
 
 
 def test_adaptive_and_bome_rules_by_hand():
@@ -142,11 +156,14 @@ def test_unconditional_model_needs_the_uniform_target(make_tiny_unet, digits_spl
     forget, retain = digits_split
     unet, sched = make_tiny_unet(class_conditional=False), digits_scheduler()
     f, r = fu.DataPoints(forget.images), fu.DataPoints(retain.images)
-    with pytest.raises(InvalidArgumentError, match="forget_target"):
-        fu.erase(unet, forget=f, retain=r, method="erasediff", scheduler=sched, steps=1, progress=False)
-    res = fu.erase(unet, forget=f, retain=r, method="erasediff", scheduler=sched, steps=2, batch_size=4,
-                   forget_target="uniform", progress=False)
-    assert len(res.history) == 2
+    with pytest.raises(InvalidArgumentError, match="^forget_target.*uniform"):  # nothing to relabel onto
+        fu.erase(unet, forget=f, retain=r, method="erasediff", scheduler=sched, steps=1, forget_target="relabel",
+                 progress=False)
+    # The default (None) resolves to "uniform" here, so both runs are the same run.
+    runs = [fu.erase(unet, forget=f, retain=r, method="erasediff", scheduler=sched, steps=2, batch_size=4,
+                     progress=False, **kw) for kw in ({}, {"forget_target": "uniform"})]
+    assert [h["loss"] for h in runs[0].history] == [h["loss"] for h in runs[1].history]
+    assert runs[0].extras["forget_target"] == "uniform" and len(runs[0].history) == 2
 
 
 @pytest.mark.parametrize("opts,name", [
@@ -181,7 +198,13 @@ def test_mse_loss_is_the_mean_convention():
 
 
 @pytest.mark.slow
-def test_erasediff_forgets_one_digit_and_keeps_the_rest():
+def test_erasediff_forgets_one_digit_and_keeps_the_rest(digits_rates_before):
+    """The issue's acceptance run: digit 3's images to forget, the other digits' images to keep.
+
+    ``relabel=0`` maps digit 3 onto one fixed retained class (the smallest id, picked by rule), as the SD
+    scripts map a concept onto one fixed anchor prompt. The official DDPM target, a random other class per
+    batch, plateaus at 5-8% threes on this model after 100-300 steps: its fixed point, the mean of the other
+    classes' predictions, itself draws 9% threes from the base model (seed 0, 100 samples)."""
     import time
 
     from fastunlearn.metrics import recognition_rates, summarize_classes
@@ -192,14 +215,15 @@ def test_erasediff_forgets_one_digit_and_keeps_the_rest():
     m = data.labels == digit
     forget = fu.DataPoints(data.images[m], labels=data.labels[m])
     retain = fu.DataPoints(data.images[~m], labels=data.labels[~m])
-    before = recognition_rates(unet, sched, range(10), n_per_class=100, seed=0)
     t0 = time.perf_counter()
-    res = fu.erase(unet, forget=forget, retain=retain, method="erasediff", scheduler=sched, progress=False)
+    res = fu.erase(unet, forget=forget, retain=retain, method="erasediff", scheduler=sched, relabel=0,
+                   progress=False)
     seconds = time.perf_counter() - t0
     after = recognition_rates(res.model, sched, range(10), n_per_class=100, seed=0)
-    s = summarize_classes(before, after, [digit])
-    print(f"erasediff: {s['forget_rate_before']:.2f} -> {s['forget_rate_after']:.2f}, kept "
-          f"{s['retain_ratio_mean']:.3f} (min {s['retain_ratio_min']:.3f}), {seconds:.0f} s")
+    s = summarize_classes(digits_rates_before, after, [digit])
+    print(f"erasediff: {s['forget_rate_before']:.2f} -> {s['forget_rate_after']:.2f}, retain "
+          f"{s['retain_rate_before']:.3f} -> {s['retain_rate_after']:.3f}, kept {s['retain_ratio_mean']:.3f} "
+          f"(min {s['retain_ratio_min']:.3f}), {res.meta['steps']} steps, {seconds:.0f} s; after {after}")
     assert s["forget_rate_before"] >= 0.75, s
     assert s["forget_rate_after"] <= 0.02, s
     assert s["retain_ratio_mean"] >= 0.95, s

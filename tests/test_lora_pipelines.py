@@ -13,7 +13,7 @@ from fastunlearn.methods import REGISTRY
 
 CONCEPT_METHODS = sorted(n for n, cls in REGISTRY.items() if "concept" in cls.targets)
 # Small and fast: a few sampling steps for ESD's x_t, few steps everywhere.
-FAST_OPTIONS = {"esd": {"ddim_steps": 3}}
+FAST_OPTIONS = {"esd": {"ddim_steps": 3}, "erasediff": {"n_generate": 4, "generate_steps": 2}}
 
 
 def tiny_vae(sample_size=16):
@@ -133,8 +133,8 @@ def test_sdxl_conditioning_has_both_encoders_and_time_ids():
 def test_lora_only_result_needs_and_checks_its_base(tmp_path):
     """save(fused=False) writes only the adapter; load(base=...) checks the base by fingerprint."""
     pipe = tiny_sd()
-    res = fu.erase(pipe, forget=fu.Concept("van gogh style painting"), method=CONCEPT_METHODS[0], lora_rank=4,
-                   steps=1, batch_size=2, progress=False, **FAST_OPTIONS.get(CONCEPT_METHODS[0], {}))
+    res = fu.erase(pipe, forget=fu.Concept("van gogh style painting"), retain=["a tree"], method=CONCEPT_METHODS[0],
+                   lora_rank=4, steps=1, batch_size=2, progress=False, **FAST_OPTIONS.get(CONCEPT_METHODS[0], {}))
     out = res.save(tmp_path / "lora", fused=False)
     assert not (out / "unet").exists()
     with pytest.raises(fu.errors.MissingFileError, match="base="):
@@ -156,8 +156,8 @@ def test_result_on_a_folder_base_refers_to_it(tmp_path):
     pipe = tiny_sd()
     pipe.unet.save_pretrained(tmp_path / "base")
     pipe.unet = load_unet(tmp_path / "base")
-    res = fu.erase(pipe, forget=fu.Concept("van gogh style painting"), method=CONCEPT_METHODS[0], lora_rank=4,
-                   steps=1, batch_size=2, progress=False, **FAST_OPTIONS.get(CONCEPT_METHODS[0], {}))
+    res = fu.erase(pipe, forget=fu.Concept("van gogh style painting"), retain=["a tree"], method=CONCEPT_METHODS[0],
+                   lora_rank=4, steps=1, batch_size=2, progress=False, **FAST_OPTIONS.get(CONCEPT_METHODS[0], {}))
     out = res.save(tmp_path / "r")
     assert (out / LORA_WEIGHT_NAME).exists() and not (out / "unet").exists()
     back = fu.load(out)

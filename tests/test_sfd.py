@@ -433,3 +433,17 @@ def test_sfd_forgets_a_digit_data_free_on_the_bundled_model():
     assert s["forget_rate_before"] >= 0.75, s
     assert s["forget_rate_after"] <= 0.02, s
     assert s["retain_ratio_min"] >= 0.90, s
+
+
+def test_lora_adapters_start_from_the_run_seed(tiny):
+    """Both adapters (θ and ψ) are drawn from the run's seed, not from the caller's random state."""
+    unet = tiny[0]
+
+    def adapters(seed, noise):
+        torch.manual_seed(noise)
+        roles = _method(_run(unet, lora_rank=2, seed=seed)).roles
+        return [p.detach().clone() for p in roles.theta + roles.psi]
+
+    a, b, c = adapters(0, 1), adapters(0, 2), adapters(1, 1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))

@@ -129,8 +129,10 @@ class _Roles:
         if self.shared:
             from ..lora import add_lora
 
-            with warnings.catch_warnings():  # peft warns that a second adapter is being added; that is the point
-                warnings.simplefilter("ignore")
+            cuda = [run.device.index or 0] if run.device.type == "cuda" else []
+            with warnings.catch_warnings(), torch.random.fork_rng(devices=cuda):
+                warnings.simplefilter("ignore")  # peft warns that a second adapter is being added; that is the point
+                torch.manual_seed(run.seed + 1)  # ψ's adapter starts from the run's seed, like θ's (run.py)
                 add_lora(run.model, run.lora_rank, adapter_name=_FAKE_ADAPTER)
             self.theta = [p for n, p in run.model.named_parameters() if "lora_" in n and f".{_FAKE_ADAPTER}." not in n]
             self.psi = [p for n, p in run.model.named_parameters() if f".{_FAKE_ADAPTER}." in n]

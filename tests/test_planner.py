@@ -1,0 +1,276 @@
+"""Memory planner (fastunlearn.planner): planned peaks against real ones, the CLI, --auto, bad input.
+
+How the real peak is measured (CPU, no CUDA allocator to ask): ``planner.LiveBytes`` is a
+``TorchDispatchMode`` that sees every tensor an op creates and follows its storage until it is freed
+(weakref finalizers), so it knows the bytes alive after each op and keeps the maximum. It wraps the *real*
+training loop of ``erase()`` (``api.train``, two steps, so the optimizer state exists during the second
+step's forward and backward as in the planner's steady state); the tensors alive before training starts
+(the run's model(s) and the method's own tensors: the working copy, SFD's role copies, ESD's frozen subset)
+are registered first. The input model the caller passed is left out, as the planner leaves it out. The
+planner instead builds the UNet from its config under ``FakeTensorMode`` and runs its own model of the
+method's step (``planner._Step``); the two must agree within 15%. The planner's fixed workspace margin
+(CUDA context and allocator slack, which a CPU run does not have) is not part of the comparison.
+
+CPU autocast does not run the norms in fp32 as CUDA's does (the planner plans for CUDA), so the
+comparison is in fp32; bf16 is checked on a CUDA GPU against ``torch.cuda.max_memory_allocated``
+(``test_plan_matches_cuda_peak``, marked gpu)."""
+import json
+
+import pytest
+import torch
+
+import fastunlearn as fu
+import fastunlearn.api as api
+from fastunlearn import planner
+from fastunlearn.errors import FastUnlearnError, InvalidArgumentError, MissingFileError
+
+SIZE = 16  # latent side of the small text UNet (fastunlearn.text's tiny SD pipeline, no VAE)
+
+
+def _resident(obj, skip, seen=None, depth=0):
+    """Tensors reachable from ``obj`` through modules, dicts, lists and fastunlearn objects (not ``skip``)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or obj is skip or depth > 4:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, torch.nn.Module):
+        yield from obj.parameters()
+        yield from obj.buffers()
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _resident(v, skip, seen, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _resident(v, skip, seen, depth + 1)
+    elif hasattr(obj, "__dict__") and type(obj).__module__.startswith("fastunlearn"):
+        for v in vars(obj).values():
+            yield from _resident(v, skip, seen, depth + 1)
+
+
+def measured_peak(monkeypatch, model, **erase_kwargs) -> int:
+    """Peak bytes of erase(model, **erase_kwargs)'s training (see the module docstring)."""
+    tracker = planner.LiveBytes()
+    real = api.train
+
+    def tracked(method, optimizer, *a, **k):
+        for t in _resident(method, skip=method.run.original):
+            tracker.add(t, "weights")
+        tracker.reset_peak()
+        with tracker:
+            return real(method, optimizer, *a, **k)
+
+    monkeypatch.setattr(api, "train", tracked)
+    fu.erase(model, steps=2, progress=False, precision="fp32", **erase_kwargs)
+    monkeypatch.undo()
+    return tracker.peak
+
+
+@pytest.fixture(scope="module")
+def text_pipe():
+    from fastunlearn.text import tiny_text_pipeline
+
+    return tiny_text_pipeline(sample_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def class_unet():
+    """A class-conditional UNet2DModel with self-attention (SISS takes images; the text pipelines take
+    concepts)."""
+    from diffusers import UNet2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DModel(sample_size=SIZE, in_channels=1, out_channels=1, layers_per_block=1,
+                           block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                           up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, num_class_embeds=11)
+    unet.register_to_config(fastunlearn_null_class=10)
+    return unet
+
+
+def _images(n, channels, seed):
+    return torch.rand(n, channels, SIZE, SIZE, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+CONCEPT = fu.Concept("van gogh style painting", anchor="a painting")
+PROMPTS = ["a photo of a cat", "a red car", "a tree", "a house"]
+
+# (method, model, batch, lora_rank, checkpointing): every method, LoRA and full weights, both checkpointing modes
+CASES = [
+    ("siss", "class", 8, 4, True),
+    ("siss", "class", 8, None, False),
+    ("erasediff", "text", 8, 4, True),
+    ("erasediff", "text", 8, None, False),
+    ("esd", "text", 2, None, True),  # the peak is the trajectory pool's no-grad sampling (4B trajectories)
+    ("sfd", "text", 8, 4, True),
+    ("sfd", "text", 8, None, True),  # three role networks: each must be checkpointed like the student
+]
+
+
+@pytest.mark.parametrize("method, kind, batch, rank, ckpt", CASES,
+                         ids=[f"{m}-{'lora' if r else 'full'}-{'ckpt' if c else 'nockpt'}" for m, _, _, r, c in CASES])
+def test_planned_peak_matches_the_real_erase_step(monkeypatch, text_pipe, class_unet, method, kind, batch, rank,
+                                                  ckpt):
+    if kind == "class":
+        from fastunlearn.models import digits_scheduler
+
+        model = class_unet
+        data = dict(forget=fu.DataPoints(_images(8, 1, 1), labels=torch.full((8,), 3)),
+                    retain=fu.DataPoints(_images(16, 1, 2), labels=torch.arange(16) % 3), scheduler=digits_scheduler())
+    else:
+        model = text_pipe
+        retain = fu.DataPoints(_images(16, 4, 2), prompts=PROMPTS * 4)
+        data = {"erasediff": dict(forget=fu.DataPoints(_images(8, 4, 1), prompts=["van gogh style painting"] * 8),
+                                  retain=retain),
+                "esd": dict(forget=CONCEPT),
+                "sfd": dict(forget=CONCEPT, retain=PROMPTS[:2])}[method]
+    spec = planner.load_spec(model)
+    optimizer = planner._method_defaults(method).get("optimizer", "adamw")
+    planned = planner.trace(spec, method=method, resolution=SIZE, batch_size=batch, lora_rank=rank, precision="fp32",
+                            gradient_checkpointing=ckpt, optimizer=optimizer)["peak"]
+    real = measured_peak(monkeypatch, model, method=method, batch_size=batch, lora_rank=rank,
+                         gradient_checkpointing=ckpt, **data)
+    assert abs(planned - real) <= 0.15 * real, (planned, real)
+
+
+def test_fake_trace_is_the_real_trace(class_unet):
+    """FakeTensorMode changes nothing in the accounting: the same step on real tensors, byte for byte."""
+    spec = planner.load_spec(class_unet)
+    kw = dict(method="siss", resolution=SIZE, batch_size=4, lora_rank=None, precision="fp32",
+              gradient_checkpointing=False, optimizer="adamw")
+    assert planner.trace(spec, **kw)["parts"] == planner.trace(spec, fake=False, **kw)["parts"]
+
+
+def test_lora_gradients_are_accounted(text_pipe):
+    """A LoRA run's gradients are about its trainable weights (fp32): seen as gradients from the moment
+    the backward produces them, even where the peak falls before most of them exist."""
+    spec = planner.load_spec(text_pipe)
+    tr = planner.trace(spec, method="esd", resolution=SIZE, batch_size=2, lora_rank=4, precision="bf16",
+                       gradient_checkpointing=False, optimizer="adam")
+    assert tr["parts"]["trainable"] > 0
+    assert tr["gradients_most"] == tr["parts"]["trainable"]  # fp32 weights, fp32 gradients, one step
+    assert abs(tr["parts"]["optimizer"] - 2 * tr["parts"]["trainable"]) < 0.01 * tr["parts"]["trainable"]  # 2 moments
+
+
+@pytest.fixture(scope="module")
+def pipe_folder(tmp_path_factory, text_pipe):
+    """The tiny pipeline saved as a diffusers folder: the planner reads only its config files."""
+    folder = tmp_path_factory.mktemp("pipe")
+    text_pipe.save_pretrained(folder)
+    return folder
+
+
+def test_cli_json_prints_one_object_with_peak_gib(pipe_folder, text_pipe, capsys):
+    from fastunlearn.cli import main
+
+    main(["plan", "--model", str(pipe_folder), "--method", "esd", "--resolution", str(SIZE), "--rank", "4",
+          "--batch-size", "2", "--no-auto", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["peak_gib"] > 0 and out["method"] == "esd" and out["lora_rank"] == 4 and out["batch_size"] == 2
+    assert set(out["parts_gib"]) == set(planner.PARTS)
+    # the peak is its parts (rounded to 1 MiB each)
+    assert abs(sum(out["parts_gib"].values()) - out["peak_gib"]) < 0.01
+    assert out["params"]["unet"] == sum(p.numel() for p in text_pipe.unet.parameters())
+
+
+def test_cli_table_and_exit_code_when_it_does_not_fit(pipe_folder, capsys):
+    from fastunlearn.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--model", str(pipe_folder), "--method", "siss", "--resolution", str(SIZE), "--rank", "4",
+              "--batch-size", "2", "--vram", "0.1", "--no-auto"])
+    assert e.value.code == 1
+    text = capsys.readouterr().out
+    assert "planned peak" in text and "fits in 0.1 GiB" in text and "NO" in text
+
+
+def test_auto_picks_a_configuration_that_fits(text_pipe):
+    """With a budget between the checkpointed and the plain peak at the default batch, --auto must give up
+    something (checkpointing or batch) and its pick must fit when planned again as given."""
+    kw = dict(method="erasediff", resolution=SIZE, lora_rank=4, precision="fp32", optimizer="adam")
+    plain = planner.plan(text_pipe, batch_size=8, gradient_checkpointing=False, auto=False, **kw)
+    ckpt = planner.plan(text_pipe, batch_size=8, gradient_checkpointing=True, auto=False, **kw)
+    assert ckpt.peak_gib < plain.peak_gib
+    vram = (plain.peak_gib + ckpt.peak_gib) / 2
+    picked = planner.plan(text_pipe, vram=vram, **kw)
+    assert picked.auto and picked.fits and picked.peak_gib <= vram
+    assert picked.gradient_checkpointing or picked.batch_size < 8
+    again = planner.plan(text_pipe, auto=False, vram=vram, **{**kw, **{k: v for k, v in picked.erase_kwargs().items()
+                                                                       if k in ("batch_size", "gradient_checkpointing")}})
+    assert again.peak_gib == picked.peak_gib and again.fits
+    # Plenty of memory: the method's default batch without checkpointing.
+    roomy = planner.plan(text_pipe, vram=1000, **kw)
+    assert roomy.fits and not roomy.gradient_checkpointing
+    assert roomy.batch_size == planner._method_defaults("erasediff")["batch_size"]
+
+
+def test_auto_says_when_nothing_fits(text_pipe):
+    p = planner.plan(text_pipe, vram=0.01, method="esd", resolution=SIZE, lora_rank=4, precision="fp32")
+    assert p.fits is False and any("nothing tried fits" in n for n in p.notes)
+
+
+@pytest.mark.parametrize("kwargs, arg", [
+    (dict(method="bogus"), "method"),
+    (dict(resolution=100), "resolution"),
+    (dict(resolution=0), "resolution"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(lora_rank=1.5), "lora_rank"),
+    (dict(precision="fp8"), "precision"),
+    (dict(optimizer="sgd"), "optimizer"),
+    (dict(attention="flash"), "attention"),
+    (dict(vram=-1), "vram"),
+    (dict(auto=True), "vram"),  # --auto needs a budget
+    (dict(model=3), "model"),
+])
+def test_bad_arguments_are_clear_errors(kwargs, arg):
+    with pytest.raises(FastUnlearnError, match=rf"^{arg}: "):
+        planner.plan(**{"model": "sd15", **kwargs})
+
+
+def test_missing_model_folder(tmp_path):
+    with pytest.raises(MissingFileError, match="model"):
+        planner.plan(str(tmp_path / "nowhere"), method="esd")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MissingFileError, match="config.json"):
+        planner.plan(str(tmp_path / "empty"), method="esd")
+
+
+def test_cli_bad_argument_exits_2(capsys):
+    from fastunlearn.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--model", "sd15", "--resolution", "100"])
+    assert e.value.code == 2
+    assert "resolution: expected" in capsys.readouterr().err
+
+
+def test_builtin_configs_are_the_published_models():
+    """SDXL base and SD 1.5 configs ship with the library: parameter counts of the real models
+    (built on the meta device: no memory)."""
+    counts = {}
+    for name in ("sdxl", "sd15"):
+        spec = planner.load_spec(name)
+        with torch.device("meta"):
+            counts[name] = sum(p.numel() for p in planner._build_unet(spec).parameters())
+    assert counts == {"sdxl": 2_567_463_684, "sd15": 859_520_964}
+    assert planner.load_spec("sdxl")["unet"]["addition_embed_type"] == "text_time"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_plan_matches_cuda_peak(text_pipe):
+    """On a CUDA GPU: the planned peak (bf16, the CUDA norm policy, without the workspace margin)
+    against torch.cuda.max_memory_allocated of the real erase() on the same small config."""
+    import copy
+
+    pipe = copy.deepcopy(text_pipe).to("cuda")
+    spec = planner.load_spec(pipe)
+    tr = planner.trace(spec, method="esd", resolution=SIZE, batch_size=8, lora_rank=4, precision="bf16",
+                       gradient_checkpointing=False, optimizer="adam")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()  # the input pipeline (text encoder and UNet) already on the GPU
+    res = fu.erase(pipe, forget=CONCEPT, method="esd", batch_size=8, lora_rank=4, precision="bf16", steps=2,
+                   progress=False)
+    real = res.meta["peak_memory_bytes"] - base
+    assert abs(tr["peak"] - real) <= 0.15 * real, (tr["peak"], real)
