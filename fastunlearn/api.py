@@ -55,8 +55,9 @@ def default_method(forget, retain) -> str:
     return choice
 
 
-def resolve_model(model, scheduler):
-    """(denoiser module, scheduler, extras) from a diffusers model, a pipeline, or a local folder."""
+def resolve_model(model, scheduler, resolution=None):
+    """(denoiser module, scheduler, extras) from a diffusers model, a pipeline, or a local folder (of a
+    model, a pipeline or a result). ``resolution`` reaches SDXL's ``time_ids``."""
     from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
     if isinstance(model, (str, Path)):
@@ -67,6 +68,9 @@ def resolve_model(model, scheduler):
             from .result import load
             res = load(folder)
             return res.model, scheduler or res.scheduler, {}
+        if (folder / "model_index.json").exists():  # a pipeline folder: its text encoders come with it
+            model = _pipeline_resolver().load_pipeline(folder)
+            return _pipeline_resolver().resolve(model, scheduler, resolution=resolution)
         unet_dir = folder / "unet" if (folder / "unet" / "config.json").exists() else folder
         if not (unet_dir / "config.json").exists():
             raise MissingFileError(f"model: {str(folder)!r} has no config.json (expected a diffusers model folder)")
@@ -92,7 +96,7 @@ def resolve_model(model, scheduler):
         model = unet
     pipe_resolver = _pipeline_resolver()
     if pipe_resolver is not None and pipe_resolver.is_pipeline(model):
-        return pipe_resolver.resolve(model, scheduler)
+        return pipe_resolver.resolve(model, scheduler, resolution=resolution)
     if not isinstance(model, (UNet2DModel, UNet2DConditionModel)):
         raise bad_type("model", "a diffusers UNet2DModel / UNet2DConditionModel, a pipeline, or a local path", model)
     if scheduler is None:
@@ -146,7 +150,7 @@ def erase(model, forget, retain=None, method: Optional[str] = None, scheduler=No
           lora_rank: Optional[int] = None, precision=None, optimizer=None, gradient_checkpointing=None,
           attention=None, compile=None, resolution=None, output_dir=None, checkpoint_every=None, resume=False,
           progress: bool = True, tf32=None, max_nonfinite: int = 10, keep_checkpoints: int = 2,
-          **method_options) -> Result:
+          offload_input: bool = True, **method_options) -> Result:
     """Make ``model`` forget ``forget`` while keeping ``retain``; see the README for the full contract."""
     # ---------------------------------------------------------------- validate everything first
     kind = _target_kind(forget)
@@ -190,13 +194,24 @@ def erase(model, forget, retain=None, method: Optional[str] = None, scheduler=No
     if resume and output_dir is None:
         raise bad_value("output_dir", "the folder of the run to resume", None)
     _distributed.check_args(checkpoint_every, resume)
+    if not isinstance(offload_input, bool):
+        raise bad_type("offload_input", "True or False", offload_input)
     opts = cls.resolve_options(method_options)
 
-    unet, scheduler, extras = resolve_model(model, scheduler)
+    unet, scheduler, extras = resolve_model(model, scheduler, resolution)
     if isinstance(model, (str, Path)) and _distributed.world_size() > 1:
         unet = unet.to(_distributed.device())  # loaded here, so ours to move: each process on its own device
     den = Denoiser(unet)
+    if resolution is not None and "vae_scale_factor" not in extras:
+        raise bad_value("resolution", "None with a bare UNet (it works at its config's sample_size; resolution= "
+                        "sets a pipeline's working size in pixels)", resolution)
+    if resolution is not None and resolution % extras["vae_scale_factor"]:
+        raise bad_value("resolution", f"a multiple of the VAE's scale factor {extras['vae_scale_factor']}", resolution)
     _validation.check_target_fits(forget, den)
+    if den.kind == "text" and extras.get("encode_prompts") is None and any(
+            isinstance(t, DataPoints) or isinstance(t, Concept) or isinstance(t, (list, tuple)) for t in (forget, retain)):
+        raise bad_value("model", "a text-to-image pipeline (the prompts need its text encoder; a bare "
+                        "UNet2DConditionModel has none)", type(unet).__name__)
     if isinstance(forget, Classes):
         if den.kind != "class":
             raise bad_value("forget", "fu.Classes only for a class-conditional model (num_class_embeds)",
@@ -225,50 +240,64 @@ def erase(model, forget, retain=None, method: Optional[str] = None, scheduler=No
                                     fingerprint=fingerprint, steps=steps)
 
     # ---------------------------------------------------------------- run
-    t_start = time.perf_counter()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    run = Run(unet, scheduler, forget=forget_data, retain=retain_data, forget_target=forget, retain_target=retain,
-              batch_size=batch_size, seed=seed, lora_rank=lora_rank, encode_prompts=extras.get("encode_prompts"),
-              trainable=getattr(cls, "trainable_filter", lambda opts: None)(opts))
-    run.resolution = resolution
-    m = cls(run, **opts)
-    m.setup()
-    rt = _runtime.resolve(precision, gradient_checkpointing, attention, compile, tf32, model=run.model)
-    applied = _runtime.apply(run, rt, method=m)  # after setup: every role exists; adapters stay fp32
-    dp = _distributed.attach(run, m)  # None unless launched as several processes (accelerate launch)
-    params = m.trainable_parameters()
-    opt = make_optimizer(optimizer, params, lr, betas=d.get("betas", (0.9, 0.999)),
-                         weight_decay=d.get("weight_decay", 0.0), eps=d.get("eps", 1e-8))
-    start_step, history = ckpt.restore(run, m, opt) if ckpt is not None else (0, [])
-    history = train(m, opt, steps, seed, start_step=start_step, history=history,
-                    progress=progress and (dp is None or dp.rank == 0),
-                    max_nonfinite=max_nonfinite, on_step_end=ckpt.on_step_end if ckpt is not None else None)
-    drift = dp.detach() if dp is not None else None
-    applied.release()
-    seconds = time.perf_counter() - t_start
-    meta = {
-        "fastunlearn_version": __version__, "torch_version": torch.__version__, "python": platform.python_version(),
-        "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "optimizer": optimizer,
-        "lora_rank": lora_rank, "runtime": rt.as_dict(), "seconds": round(seconds, 3), "peak_memory_bytes": _peak_memory(run.device),
-        "forget": repr(forget)[:500], "skipped_steps": sum(1 for h in history if h.get("skipped")),
-        "resumed_from_step": ckpt.resumed_from if ckpt is not None else None,
-    }
-    if dp is not None:  # data-parallel: processes and the largest weight difference between them (0.0)
-        meta.update(processes=dp.size, process_weight_drift=drift)
+    # The caller's modules leave the accelerator for the run (and come back at the end, also on errors):
+    # the UNet before it is copied, so that only the trained copy is there; the text encoders and VAE once
+    # the method's set-up has encoded its prompts and generated its images. A no-op on CPU.
+    offload = _runtime.InputOffload(enabled=offload_input)
+    device = offload.move_unet(unet)
     try:
-        import diffusers
-        meta["diffusers_version"] = diffusers.__version__
-    except Exception:  # pragma: no cover
-        pass
-    from .evaluation import provenance
-    meta.update(provenance(model, unet, forget))  # base_model + forgotten: what `fastunlearn eval DIR` reads
-    result = Result(model=run.model.eval(), scheduler=scheduler, method=method, options=opts, history=history,
-                    meta=meta, extras=extras)
-    finish = getattr(m, "finish", None)
-    if finish is not None:
-        finish(result)
-    return result
+        t_start = time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        run = Run(unet, scheduler, forget=forget_data, retain=retain_data, forget_target=forget, retain_target=retain,
+                  batch_size=batch_size, seed=seed, lora_rank=lora_rank, encode_prompts=extras.get("encode_prompts"),
+                  trainable=getattr(cls, "trainable_filter", lambda opts: None)(opts), device=device)
+        run.resolution = resolution
+        if resolution is not None:  # the working size: what data-free methods and Result.sample draw at
+            run.model.register_to_config(sample_size=resolution // extras["vae_scale_factor"])
+        m = cls(run, **opts)
+        m.setup()
+        for data in (run.forget, run.retain):  # prompts of DataPoints: encoded now, while the encoders are here
+            if data is not None and isinstance(data[1], list) and run.encode_prompts is not None:
+                run.encode_prompts(sorted(set(data[1])))
+        offload.move_encoders(model)
+        rt = _runtime.resolve(precision, gradient_checkpointing, attention, compile, tf32, model=run.model)
+        applied = _runtime.apply(run, rt, method=m)  # after setup: every role exists; adapters stay fp32
+        dp = _distributed.attach(run, m)  # None unless launched as several processes (accelerate launch)
+        params = m.trainable_parameters()
+        opt = make_optimizer(optimizer, params, lr, betas=d.get("betas", (0.9, 0.999)),
+                             weight_decay=d.get("weight_decay", 0.0), eps=d.get("eps", 1e-8))
+        start_step, history = ckpt.restore(run, m, opt) if ckpt is not None else (0, [])
+        history = train(m, opt, steps, seed, start_step=start_step, history=history,
+                        progress=progress and (dp is None or dp.rank == 0),
+                        max_nonfinite=max_nonfinite, on_step_end=ckpt.on_step_end if ckpt is not None else None)
+        drift = dp.detach() if dp is not None else None
+        applied.release()
+        seconds = time.perf_counter() - t_start
+        meta = {
+            "fastunlearn_version": __version__, "torch_version": torch.__version__, "python": platform.python_version(),
+            "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "optimizer": optimizer,
+            "lora_rank": lora_rank, "runtime": rt.as_dict(), "seconds": round(seconds, 3), "peak_memory_bytes": _peak_memory(run.device),
+            "forget": repr(forget)[:500], "skipped_steps": sum(1 for h in history if h.get("skipped")),
+            "resumed_from_step": ckpt.resumed_from if ckpt is not None else None,
+        }
+        if dp is not None:  # data-parallel: processes and the largest weight difference between them (0.0)
+            meta.update(processes=dp.size, process_weight_drift=drift)
+        try:
+            import diffusers
+            meta["diffusers_version"] = diffusers.__version__
+        except Exception:  # pragma: no cover
+            pass
+        from .evaluation import provenance
+        meta.update(provenance(model, unet, forget))  # base_model + forgotten: what `fastunlearn eval DIR` reads
+        result = Result(model=run.model.eval(), scheduler=scheduler, method=method, options=opts, history=history,
+                        meta=meta, extras=extras)
+        finish = getattr(m, "finish", None)
+        if finish is not None:
+            finish(result)
+        return result
+    finally:
+        offload.restore()
 
 
 def _peak_memory(device) -> int:

@@ -46,6 +46,8 @@ def _erase(args):
             retain = list(args.retain_prompts)
         model = args.model
         scheduler = None
+        if model == "digits_text":  # the bundled text pipeline: erase a prompt such as "a picture of the digit three"
+            model = fu.zoo.digits_text()
         if model == "digits":
             model, scheduler = fu.zoo.digits()
             if args.classes and args.data is None and retain is None and args.method not in _DATA_FREE:
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
 
     e = sub.add_parser("erase", help="run one unlearning method and save the result")
-    e.add_argument("--model", required=True, help="a diffusers model or pipeline folder, or 'digits' (bundled)")
+    e.add_argument("--model", required=True, help="a diffusers model or pipeline folder, or 'digits' / 'digits_text' (bundled)")
     e.add_argument("--method", default=None)
     g = e.add_mutually_exclusive_group(required=True)
     g.add_argument("--classes", help="comma-separated class ids to forget")

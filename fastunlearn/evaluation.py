@@ -22,10 +22,12 @@ What is measured, by the kind of model and target:
   90% sure of some digit) and their pooled FD against all real digits. On class-conditional models the
   near-copy rate is taken over the samples drawn with the forgotten images' labels, and the class measures
   above are reported as well.
-* Text-conditional models (with ``fastunlearn.pipelines``): no labelled data maps prompts to classes, so
-  the measure is the *shift* of the concept's noise prediction, ‖ε_after(x_t, c) − ε_before(x_t, c)‖²
-  per element, on held-out noisy inputs, against the same shift for unrelated prompts (lower is better for
-  those: the edit stayed local).
+* Text-conditional models (with ``fastunlearn.pipelines``): the *shift* of the concept's noise
+  prediction, ‖ε_after(x_t, c) − ε_before(x_t, c)‖² per element, on held-out noisy inputs, against the
+  same shift for unrelated prompts (lower is better for those: the edit stayed local). Where the model was
+  trained on labelled data, ``class_prompts`` (one prompt per class; the bundled ``zoo.digits_text()``
+  records its own) maps prompts to classes, and the class measures above are taken on samples drawn with
+  those prompts: the forgotten classes are those whose prompt is the erased concept.
 
 Every evaluation with an output folder writes ``metrics.json`` and ``before_after.png`` (sample grid per
 class, per prompt, or nearest-to-forgotten rows), both atomically. The "before" model of a saved result is
@@ -182,10 +184,13 @@ def _as_result(obj, scheduler, what: str):
             from . import zoo
 
             name = text[4:]
-            if not (zoo.ZOO / name / "config.json").exists():
-                raise bad_value(what, "zoo:digits | zoo:digits_outlier or a folder", text)
-            unet, sched = zoo._load(name)
-            return Result(model=unet, scheduler=sched, method=None), None
+            if name not in zoo.NAMES:
+                raise bad_value(what, " | ".join(f"zoo:{n}" for n in zoo.NAMES) + " or a folder", text)
+            model = zoo.get(name)
+            if isinstance(model, tuple):
+                return Result(model=model[0], scheduler=model[1], method=None), None
+            obj = model  # the text pipeline: resolved below
+    if isinstance(obj, (str, Path)):
         folder = Path(obj)
         if (folder / META_FILE).exists():
             return load(folder), folder
@@ -227,9 +232,25 @@ def _forget_from_meta(meta: dict):
     return None
 
 
-def _sample(res, n: int, labels, steps: int, seed: int) -> torch.Tensor:
-    """Samples of a result (its one-step generator for SFD) or a plain model (DDIM), in [-1, 1], on CPU."""
+def _sample(res, n: int, labels, steps: int, seed: int, class_prompts=None) -> torch.Tensor:
+    """Samples of a result (its one-step generator for SFD) or a plain model (DDIM), in [-1, 1], on CPU;
+    with ``class_prompts``, class ``c`` is drawn with the prompt ``class_prompts[c]``."""
+    if class_prompts is not None:
+        prompts = [class_prompts[int(c)] for c in labels]
+        return res.sample(n, prompts=prompts, num_inference_steps=steps, seed=seed).float().cpu()
     return res.sample(n, class_labels=labels, num_inference_steps=steps, seed=seed).float().cpu()
+
+
+def _class_prompts(class_prompts, res):
+    """The prompts that name the classes of a text model: the argument, else the model's own record."""
+    if class_prompts is None:
+        class_prompts = getattr(res.model.config, "fastunlearn_class_prompts", None)
+        if class_prompts is None:
+            return None
+    if isinstance(class_prompts, str) or not all(isinstance(q, str) for q in class_prompts) or len(class_prompts) < 2:
+        raise bad_type("class_prompts", "a list of at least two prompts (the prompt of class i at index i)",
+                       class_prompts)
+    return list(class_prompts)
 
 
 _BUNDLED_JUDGE = {}
@@ -259,7 +280,7 @@ def _default_judge(shape, classifier, reference):
 # ------------------------------------------------------------------------------------------------ evaluate
 def evaluate(result, *, before=None, forget=None, scheduler=None, reference=None, classifier=None,
              n_per_class: int = 100, n_samples: int = 1000, num_inference_steps: int = 50, seed: int = 0,
-             out=None, prompts=None) -> dict:
+             out=None, prompts=None, class_prompts=None) -> dict:
     """Measure forgetting and retained quality of ``result`` against the model before unlearning.
 
     ``result``: a ``Result``, a saved result folder, a diffusers model (with ``scheduler``) or a pipeline.
@@ -268,11 +289,14 @@ def evaluate(result, *, before=None, forget=None, scheduler=None, reference=None
     ``forget``: what was forgotten (``fu.Classes`` / ``fu.DataPoints`` / ``fu.Concept``); None takes it from
     the result. ``reference`` (real data for FD) and ``classifier`` default to the bundled digits ones.
     ``out``: folder for ``metrics.json`` and ``before_after.png``; defaults to ``DIR/eval`` when ``result``
-    is a folder (no files for in-memory results without ``out``). Returns the metrics dict.
+    is a folder (no files for in-memory results without ``out``). Text-conditional models: ``prompts`` are
+    the unrelated prompts of the shift measure; ``class_prompts`` (a list, prompt of class i at i) adds the
+    class measures through prompts (default: the model's own, when it records them). Returns the metrics.
     """
     report, grid = _evaluate(result, before=before, forget=forget, scheduler=scheduler, reference=reference,
                              classifier=classifier, n_per_class=n_per_class, n_samples=n_samples,
-                             num_inference_steps=num_inference_steps, seed=seed, prompts=prompts)
+                             num_inference_steps=num_inference_steps, seed=seed, prompts=prompts,
+                             class_prompts=class_prompts)
     folder = report.pop("_folder")
     if out is None and folder is not None:
         out = folder / "eval"
@@ -286,7 +310,7 @@ def evaluate(result, *, before=None, forget=None, scheduler=None, reference=None
 
 
 def _evaluate(result, *, before=None, forget=None, scheduler=None, reference=None, classifier=None,
-              n_per_class=100, n_samples=1000, num_inference_steps=50, seed=0, prompts=None):
+              n_per_class=100, n_samples=1000, num_inference_steps=50, seed=0, prompts=None, class_prompts=None):
     """``evaluate`` without the files: (report, picture rows)."""
     for name, v, lo in (("n_per_class", n_per_class, 2), ("n_samples", n_samples, 2),
                         ("num_inference_steps", num_inference_steps, 1)):
@@ -313,7 +337,26 @@ def _evaluate(result, *, before=None, forget=None, scheduler=None, reference=Non
     report = {"method": res.method, "forgotten": _describe_short(forget), "base_model": _ref_text(before),
               "settings": settings}
     if den.kind == "text":
-        measured, grid = _evaluate_text(res, before_res, forget, prompts, seed, settings)
+        if before_res is not None and not (res.extras or {}).get("encode_prompts"):
+            # a saved result carries no text encoder: the base pipeline's is the same frozen one
+            res.extras = {**(res.extras or {}), "encode_prompts": before_res.extras.get("encode_prompts")}
+        class_prompts = _class_prompts(class_prompts, res)
+        if prompts is None and class_prompts is not None and getattr(forget, "prompt", None) in class_prompts:
+            prompts = [q for q in class_prompts if q != forget.prompt]  # the other classes are the unrelated ones
+        measured, grid = {"kind": "text"}, None
+        if (before_res is not None and forget is not None) or class_prompts is None:  # the shift: before + concept
+            measured, grid = _evaluate_text(res, before_res, forget, prompts, seed, settings)
+        if class_prompts is not None:
+            from .targets import Classes
+
+            clf, ref_labels, ref_feats = _default_judge(den.sample_shape, classifier, reference)
+            settings.update(class_prompts=class_prompts, n_per_class=n_per_class,
+                            classifier="fastunlearn.zoo.classifier" if classifier is None else type(classifier).__name__)
+            hit = [c for c, q in enumerate(class_prompts) if q == getattr(forget, "prompt", None)]
+            by_class, grid = _evaluate_classes(res, before_res, Classes(hit) if hit else None, clf, ref_labels,
+                                               ref_feats, n_per_class, num_inference_steps, seed, len(class_prompts),
+                                               class_prompts)
+            measured = {**by_class, **measured, "kind": "text"}
     else:
         clf, ref_labels, ref_feats = _default_judge(den.sample_shape, classifier, reference)
         settings["classifier"] = "fastunlearn.zoo.classifier" if classifier is None else type(classifier).__name__
@@ -359,9 +402,10 @@ def _forgotten_classes(forget) -> list:
     return []
 
 
-def _class_measures(res, clf, ref_feats, classes, n_per_class, steps, seed, forget_imgs, forgotten):
+def _class_measures(res, clf, ref_feats, classes, n_per_class, steps, seed, forget_imgs, forgotten,
+                    class_prompts=None):
     labels = torch.tensor(classes).repeat_interleave(n_per_class)
-    imgs = _sample(res, labels.numel(), labels, steps, seed)
+    imgs = _sample(res, labels.numel(), labels, steps, seed, class_prompts)
     pred, _, feats = _judge(clf, imgs)
     rec = {c: float((pred[labels == c] == c).float().mean()) for c in classes}
     fd = {c: frechet_distance(feats[labels == c], ref_feats[c]) for c in classes if c in ref_feats}
@@ -378,7 +422,8 @@ def _class_measures(res, clf, ref_feats, classes, n_per_class, steps, seed, forg
     return m, rows
 
 
-def _evaluate_classes(res, before_res, forget, clf, ref_labels, rf, n_per_class, steps, seed, num_classes):
+def _evaluate_classes(res, before_res, forget, clf, ref_labels, rf, n_per_class, steps, seed, num_classes,
+                      class_prompts=None):
     from .metrics import summarize_classes
     from .targets import DataPoints
 
@@ -388,16 +433,18 @@ def _evaluate_classes(res, before_res, forget, clf, ref_labels, rf, n_per_class,
         raise bad_value("reference.labels", "class labels for a class-conditional model", None)
     ref_feats = {c: rf[ref_labels == c] for c in classes if int((ref_labels == c).sum()) >= 2}
     forget_imgs = forget.images.float() if isinstance(forget, DataPoints) else None
-    after, rows_after = _class_measures(res, clf, ref_feats, classes, n_per_class, steps, seed, forget_imgs, forgotten)
+    after, rows_after = _class_measures(res, clf, ref_feats, classes, n_per_class, steps, seed, forget_imgs, forgotten,
+                                        class_prompts)
     report = {"kind": "class", "forgotten_classes": forgotten, "after": after}
     rows_before = None
     if before_res is not None:
         report["before"], rows_before = _class_measures(before_res, clf, ref_feats, classes, n_per_class, steps,
-                                                        seed, forget_imgs, forgotten)
+                                                        seed, forget_imgs, forgotten, class_prompts)
         if forgotten:
             s = summarize_classes(report["before"]["recognition"], after["recognition"], forgotten)
             report["retain_ratio_mean"], report["retain_ratio_min"] = s["retain_ratio_mean"], s["retain_ratio_min"]
-    grid = {"before": rows_before, "after": rows_after, "labels": [f"label {c}" for c in classes],
+    names = [q[-24:] for q in class_prompts] if class_prompts is not None else [f"label {c}" for c in classes]
+    grid = {"before": rows_before, "after": rows_after, "labels": names,
             "highlight": [classes.index(c) for c in forgotten]}
     return report, grid
 
@@ -565,7 +612,10 @@ def format_report(r: dict) -> str:
     def num(v):
         return "-" if v is None else f"{v:.3g}"
 
-    if r["kind"] == "class":
+    if r["kind"] == "text" and "concept_shift" in r:
+        lines.append(f"concept shift {r['concept_shift']:.4g}; unrelated prompts {r['unrelated_shift_mean']:.4g} "
+                     f"(ratio {r['locality']:.3g})")
+    if r["kind"] == "class" or (r["kind"] == "text" and "after" in r):  # text: classes through their prompts
         cols = ["forget_rate", "retain_rate", "fd_forget", "fd_retain", "near_copy_rate"]
         lines.append(f"{'':8}" + "".join(f"{c:>16}" for c in cols))
         for side in ("before", "after"):
@@ -584,9 +634,6 @@ def format_report(r: dict) -> str:
                 m = r[side]
                 lines.append(f"{side:8}" + "".join(
                     f"{(pct if 'rate' in c else num)(m.get(c)):>20}" for c in cols))
-    else:
-        lines.append(f"concept shift {r['concept_shift']:.4g}; unrelated prompts {r['unrelated_shift_mean']:.4g} "
-                     f"(ratio {r['locality']:.3g})")
     return "\n".join(lines)
 
 

@@ -28,6 +28,34 @@ import torch
 from .errors import bad_type, bad_value
 
 
+def load_pipeline(folder) -> "DiffusionPipeline":
+    """A diffusers pipeline from a local folder: safetensors only, never the hub, no safety checker."""
+    import json
+    from pathlib import Path
+
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging
+
+    from .errors import CorruptResultError, MissingFileError
+
+    folder = Path(folder)
+    if not any(folder.glob("*/*.safetensors")):
+        raise MissingFileError(f"model: {str(folder)!r} has no .safetensors weights (fastunlearn never loads "
+                               "pickled .bin/.pt/.ckpt files)")
+    index = json.loads((folder / "model_index.json").read_text())
+    # Components saved as absent ([null, null], e.g. no VAE) are passed as None, or diffusers refuses them.
+    absent = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None}
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()  # the safety-checker warning: it is not part of what fastunlearn trains
+    try:
+        return DiffusionPipeline.from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                                 **{"safety_checker": None, **absent, "requires_safety_checker": False})
+    except Exception as e:
+        raise CorruptResultError(f"model: could not load the pipeline in {str(folder)!r} ({str(e)[:300]})") from e
+    finally:
+        logging.set_verbosity(level)
+
+
 def is_pipeline(obj) -> bool:
     """True for any diffusers ``DiffusionPipeline`` (whether supported is decided by ``resolve``)."""
     try:
@@ -59,7 +87,17 @@ def resolve(pipe, scheduler=None, resolution=None):
     scheduler = scheduler if scheduler is not None else getattr(pipe, "scheduler", None)
     if scheduler is None or not hasattr(scheduler, "alphas_cumprod") or not hasattr(scheduler, "config"):
         raise bad_type("scheduler", "a diffusers noise scheduler with alphas_cumprod", scheduler)
-    return unet, scheduler, {"encode_prompts": prompt_encoder(text_encoder, tokenizer)}
+    return unet, scheduler, {"encode_prompts": prompt_encoder(text_encoder, tokenizer),
+                             "vae_scale_factor": vae_scale_factor(pipe)}
+
+
+def vae_scale_factor(pipe) -> int:
+    """Pixels per UNet sample: the VAE's downsampling (8 for Stable Diffusion), 1 for a pipeline without a
+    VAE (the tiny ones of ``fastunlearn.text`` work in pixel space)."""
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        return 1
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def prompt_encoder(text_encoder, tokenizer) -> Callable[[List[str]], Dict[str, torch.Tensor]]:

@@ -17,9 +17,11 @@ class Run:
 
     def __init__(self, model: torch.nn.Module, scheduler, *, forget, retain, forget_target, retain_target,
                  batch_size: int, seed: int, lora_rank: Optional[int] = None, lora_alpha: Optional[float] = None,
-                 lora_targets=None, trainable=None, encode_prompts=None):
+                 lora_targets=None, trainable=None, encode_prompts=None, device=None):
         self.original = model
         self.model = copy.deepcopy(model)  # the user's model is never modified
+        if device is not None:  # the user's model was moved off the accelerator first (runtime.InputOffload)
+            self.model.to(device)
         self.model.train()
         self.scheduler = scheduler
         self.batch_size = batch_size
@@ -65,10 +67,12 @@ class Run:
         return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
     # ------------------------------------------------------------------ data
-    @staticmethod
-    def _take(data, idx) -> Batch:
+    def _take(self, data, idx) -> Batch:
         x0, cond = data
-        return Batch(x0[idx], _index_cond(cond, idx))
+        cond = _index_cond(cond, idx)
+        if isinstance(cond, list):  # a text model's prompts, one per image: encoded (and cached) per batch
+            cond = self.encode_prompts(cond)
+        return Batch(x0[idx], cond)
 
     def forget_batch(self, gen: torch.Generator, n: int) -> Batch:
         x0 = self.forget[0]
@@ -95,6 +99,8 @@ def _index_cond(cond: Any, idx):
         return cond[idx]
     if isinstance(cond, dict):
         return {k: _index_cond(v, idx) for k, v in cond.items()}
+    if isinstance(cond, list):
+        return [cond[int(i)] for i in idx]
     raise TypeError(f"unsupported conditioning {type(cond).__name__}")
 
 

@@ -56,7 +56,10 @@ def resolve(pipe, scheduler=None, resolution: Optional[int] = None):
     zeros = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", True))
     encode = prompt_encoder(parts["text_encoder"], parts["text_encoder_2"], parts["tokenizer"], parts["tokenizer_2"],
                             time_ids=(res, res, 0, 0, res, res), zeros_for_empty=zeros)
-    return unet, scheduler, {"encode_prompts": encode, "sdxl": True, "resolution": res}
+    from .pipelines import vae_scale_factor
+
+    return unet, scheduler, {"encode_prompts": encode, "sdxl": True, "resolution": res,
+                             "vae_scale_factor": vae_scale_factor(pipe)}
 
 
 def prompt_encoder(text_encoder, text_encoder_2, tokenizer, tokenizer_2, time_ids=(1024, 1024, 0, 0, 1024, 1024),

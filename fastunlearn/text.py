@@ -53,10 +53,11 @@ def tiny_tokenizer(words: Iterable[str] = WORDS, max_length: int = 16):
 
 
 def tiny_text_pipeline(seed: int = 0, sample_size: int = 8, hidden: int = 32, max_length: int = 16,
-                       words: Optional[Iterable[str]] = None):
+                       words: Optional[Iterable[str]] = None, in_channels: int = 4, scheduler=None):
     """A random-weight ``StableDiffusionPipeline`` (no VAE, no safety checker) small enough for CPU tests:
-    UNet 4x8x8 with blocks (32, 64), cross-attention in the outer blocks, CLIP text encoder with 2 layers
-    of width ``hidden``, tokenizer of ``max_length`` tokens, DDPM scaled-linear scheduler (SD's)."""
+    UNet ``in_channels``x8x8 with blocks (32, 64), cross-attention in the outer blocks, CLIP text encoder
+    with 2 layers of width ``hidden``, tokenizer of ``max_length`` tokens, and ``scheduler`` (default: DDPM
+    scaled-linear, SD's)."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -69,12 +70,40 @@ def tiny_text_pipeline(seed: int = 0, sample_size: int = 8, hidden: int = 32, ma
             num_attention_heads=4, max_position_embeddings=max_length, bos_token_id=vocab[BOS],
             eos_token_id=vocab[EOS], pad_token_id=vocab[EOS])).eval()
         unet = UNet2DConditionModel(
-            sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+            sample_size=sample_size, in_channels=in_channels, out_channels=in_channels, layers_per_block=1,
             block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=hidden,
             attention_head_dim=8, norm_num_groups=8)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, clip_sample=False, steps_offset=1, prediction_type="epsilon")
+    if scheduler is None:
+        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                  beta_end=0.012, clip_sample=False, steps_offset=1, prediction_type="epsilon")
     return StableDiffusionPipeline(vae=None, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+# ---------------------------------------------------------------------------------------- digits by prompt
+# The bundled text-conditional model (``fastunlearn.zoo.digits_text()``, trained by
+# ``scripts/train_digits.py --only digits-text``) is this pipeline at the digits' size (1x8x8, the digits'
+# linear schedule), trained on scikit-learn's digits with prompts that name the digit. Its prompts map to
+# classes, so a concept erased from it is judged with the digits classifier like a class.
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGIT_TEMPLATES = ("a picture of the digit {}", "handwritten {}")
+DIGIT_WORDS = tuple("a picture of the digit handwritten".split()) + DIGIT_NAMES
+
+
+def digit_prompt(c: int, template: int = 0) -> str:
+    """The prompt that names digit ``c`` (``template`` indexes ``DIGIT_TEMPLATES``)."""
+    return DIGIT_TEMPLATES[template].format(DIGIT_NAMES[c])
+
+
+def digits_text_pipeline(seed: int = 0):
+    """The untrained digits text-to-image pipeline (random weights): what the bundled one was trained from."""
+    from diffusers import DDPMScheduler
+
+    # The digits' schedule (linear β 1e-4 → 0.02) with the two settings StableDiffusionPipeline would
+    # otherwise rewrite with a warning: steps_offset 1 and no clipping of x0 (the sampler clips).
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                              clip_sample=False, steps_offset=1, prediction_type="epsilon")
+    return tiny_text_pipeline(seed=seed, sample_size=8, hidden=32, max_length=8, words=DIGIT_WORDS,
+                              in_channels=1, scheduler=scheduler)

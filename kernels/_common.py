@@ -19,6 +19,7 @@ import collections
 
 import torch
 import triton
+import triton.language as tl
 
 # Number of kernel launches per kernel name: the tests read it to prove the Triton path really ran.
 LAUNCHES: collections.Counter = collections.Counter()
@@ -28,6 +29,13 @@ LAUNCHES: collections.Counter = collections.Counter()
 POISON = False
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@triton.jit
+def load_f32(ptr, offs, ok):
+    """One block of a row, loaded as stored and widened to fp32: the interpreter has no bf16 arithmetic, and
+    every sum is fp32 anyway. Masked-off lanes read 0."""
+    return tl.load(ptr + offs, mask=ok, other=0.0).to(tl.float32)
 
 
 def on_gpu(device: torch.device) -> bool:

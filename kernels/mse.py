@@ -18,14 +18,15 @@ import triton
 import triton.language as tl
 
 from . import _common as C
+from ._common import load_f32
 
 
 @triton.jit
 def _target(t_ptr, c_ptr, n_ptr, offs, ok, eta, ESD: tl.constexpr):
-    t = tl.load(t_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    t = load_f32(t_ptr, offs, ok)
     if ESD:
-        c = tl.load(c_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        n = tl.load(n_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        c = load_f32(c_ptr, offs, ok)
+        n = load_f32(n_ptr, offs, ok)
         t = t - eta * (c - n)
     return t
 
@@ -40,7 +41,7 @@ def _mse_partials(pred_ptr, t_ptr, c_ptr, n_ptr, part_ptr, eta, D, SPLIT, ESD: t
     for start in range(j * BLOCK, D, SPLIT * BLOCK):
         offs = start + tl.arange(0, BLOCK)
         ok = offs < D
-        p = tl.load(pred_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
+        p = load_f32(pred_ptr, base + offs, ok)
         r = p - _target(t_ptr + base, c_ptr + base, n_ptr + base, offs, ok, eta, ESD)
         acc += r * r
     tl.store(part_ptr + b.to(tl.int64) * SPLIT + j, tl.sum(acc, 0))
@@ -76,7 +77,7 @@ def _mse_backward(pred_ptr, t_ptr, c_ptr, n_ptr, w_ptr, gout_ptr, dpred_ptr, dt_
     for start in range(j * BLOCK, D, SPLIT * BLOCK):
         offs = start + tl.arange(0, BLOCK)
         ok = offs < D
-        p = tl.load(pred_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
+        p = load_f32(pred_ptr, base + offs, ok)
         g = k * (p - _target(t_ptr + base, c_ptr + base, n_ptr + base, offs, ok, eta, ESD))
         if NEED_PRED:
             tl.store(dpred_ptr + base + offs, g.to(dpred_ptr.dtype.element_ty), mask=ok)

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
+from ._common import load_f32
 
 _OMEGA_MIN = 1e-5  # as losses._OMEGA_MIN
 
@@ -35,9 +36,9 @@ def _sid_partials(phi_ptr, psi_ptr, e_ptr, part_ptr, alpha, D, SPLIT, BLOCK: tl.
     for start in range(j * BLOCK, D, SPLIT * BLOCK):
         offs = start + tl.arange(0, BLOCK)
         ok = offs < D
-        phi = tl.load(phi_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
-        psi = tl.load(psi_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
-        e = tl.load(e_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
+        phi = load_f32(phi_ptr, base + offs, ok)
+        psi = load_f32(psi_ptr, base + offs, ok)
+        e = load_f32(e_ptr, base + offs, ok)
         r = e - phi
         u = psi - phi
         acc_r += tl.abs(r)
@@ -81,9 +82,9 @@ def _sid_backward(phi_ptr, psi_ptr, e_ptr, c_ptr, gout_ptr, dphi_ptr, dpsi_ptr, 
     for start in range(j * BLOCK, D, SPLIT * BLOCK):
         offs = start + tl.arange(0, BLOCK)
         ok = offs < D
-        phi = tl.load(phi_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
-        psi = tl.load(psi_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
-        e = tl.load(e_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
+        phi = load_f32(phi_ptr, base + offs, ok)
+        psi = load_f32(psi_ptr, base + offs, ok)
+        e = load_f32(e_ptr, base + offs, ok)
         r = e - phi
         u = psi - phi
         if NEED_PSI:

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
+from ._common import load_f32
 
 _MODE_SIGMOID, _MODE_LAMBDA0, _MODE_LAMBDA1 = 0, 1, 2
 
@@ -51,11 +52,10 @@ def _siss_partials(pred_ptr, x_ptr, a_ptr, noise_ptr, mask_ptr, gamma_ptr, sigma
     for start in range(j * BLOCK, D, SPLIT * BLOCK):
         offs = start + tl.arange(0, BLOCK)
         ok = offs < D
-        # load, then widen: the interpreter has no bf16 arithmetic, and all sums are fp32 anyway
-        p = tl.load(pred_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
-        e = tl.load(noise_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
+        p = load_f32(pred_ptr, base + offs, ok)
+        x = load_f32(x_ptr, base + offs, ok)
+        a = load_f32(a_ptr, base + offs, ok)
+        e = load_f32(noise_ptr, base + offs, ok)
         d = x - a
         acc_d += d * (sg * d - 2.0 * s * e)
         rx = p - (e - c_x * d)
@@ -124,10 +124,10 @@ def _siss_backward(pred_ptr, x_ptr, a_ptr, noise_ptr, mask_ptr, gamma_ptr, sigma
     for start in range(j * BLOCK, D, SPLIT * BLOCK):
         offs = start + tl.arange(0, BLOCK)
         ok = offs < D
-        p = tl.load(pred_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
-        e = tl.load(noise_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
+        p = load_f32(pred_ptr, base + offs, ok)
+        x = load_f32(x_ptr, base + offs, ok)
+        a = load_f32(a_ptr, base + offs, ok)
+        e = load_f32(noise_ptr, base + offs, ok)
         d = x - a
         grad = k_x * (p - (e - c_x * d)) + k_a * (p - (e + c_a * d))
         tl.store(out_ptr + base + offs, grad.to(out_ptr.dtype.element_ty), mask=ok)

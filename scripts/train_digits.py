@@ -3,6 +3,9 @@
 * ``digits``: class-conditional UNet2DModel (labels 0..9, null label 10 via 10% label dropout);
 * ``digits_outlier``: unconditional UNet2DModel on the digits plus many copies of one outlier
   image (a "T" glyph), so that the model memorises it: the data-unlearning test bed (SISS);
+* ``digits_text``: a tiny Stable Diffusion pipeline (no VAE; UNet2DConditionModel with cross-attention,
+  CLIP text encoder, tokenizer built locally) trained on the digits with prompts such as "a picture of
+  the digit three": the concept-erasure test bed (ESD, EraseDiff with prompts);
 * ``classifier.safetensors``: a CNN that judges generated digits (trained on real digits).
 
 The benchmark (``fastunlearn bench``) compares unlearning with retraining from scratch without the
@@ -80,6 +83,53 @@ def train_unet(images, labels, class_conditional, steps, batch, seed, log):
     return ema
 
 
+def train_text_pipeline(images, labels, steps, batch, seed, log):
+    """The digits as a text-to-image model: ``fastunlearn.text.digits_text_pipeline`` trained on prompts
+    that name the digit (two templates; 10% empty prompts, the unconditional branch of guidance). The text
+    encoder is trained with the UNet (a random CLIP gives every prompt nearly the same hidden state, which
+    no real text encoder does), at the UNet's recipe otherwise: AdamW, one-cycle lr, EMA, clipping."""
+    from fastunlearn.text import DIGIT_NAMES, DIGIT_TEMPLATES, digit_prompt, digits_text_pipeline
+
+    torch.manual_seed(seed)
+    pipe = digits_text_pipeline(seed)
+    unet, text_encoder = pipe.unet.train(), pipe.text_encoder.train()
+    prompts = [digit_prompt(c, k) for k in range(len(DIGIT_TEMPLATES)) for c in range(len(DIGIT_NAMES))] + [""]
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = [p.detach().clone() for p in params]
+    ac = pipe.scheduler.alphas_cumprod
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    n, n_templates = images.shape[0], len(DIGIT_TEMPLATES)
+    t0 = time.time()
+    for step in range(steps):
+        idx = torch.randint(0, n, (batch,))
+        x0 = images[idx]
+        t = torch.randint(0, 1000, (batch,))
+        eps = torch.randn_like(x0)
+        x_t = ac[t].sqrt().view(-1, 1, 1, 1) * x0 + (1 - ac[t]).sqrt().view(-1, 1, 1, 1) * eps
+        row = torch.randint(0, n_templates, (batch,)) * 10 + labels[idx]
+        row[torch.rand(batch) < 0.1] = len(prompts) - 1
+        hidden = text_encoder(ids[row])[0]
+        loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=hidden).sample, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        lr_sched.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        if step % 500 == 0 or step == steps - 1:
+            log(f"  step {step:5d} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    unet.eval(), text_encoder.eval()
+    return pipe
+
+
 def train_classifier(images, labels, seed, log):
     torch.manual_seed(seed)
     perm = torch.randperm(images.shape[0])
@@ -110,7 +160,8 @@ def main():
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--out", type=Path, default=ZOO)
-    ap.add_argument("--only", choices=["digits", "outlier", "classifier", "retrain-class", "retrain-outlier"],
+    ap.add_argument("--only", choices=["digits", "outlier", "classifier", "digits-text", "retrain-class",
+                                       "retrain-outlier"],
                     default=None)
     ap.add_argument("--forget-class", type=int, default=3, help="retrain-class: the digit left out")
     ap.add_argument("--retrained-out", type=Path, default=RETRAINED,
@@ -149,6 +200,18 @@ def main():
         digits_scheduler().save_pretrained(args.out / "digits_outlier")
         meta["digits_outlier"] = {"steps": args.steps, "batch": args.batch, "outlier_copies": OUTLIER_COPIES,
                                   "seconds": round(time.time() - t0)}
+    if args.only in (None, "digits-text"):
+        print("text-conditional digits pipeline (prompts name the digit)")
+        t0 = time.time()
+        pipe = train_text_pipeline(images, labels, args.steps, args.batch, 2, print)
+        tmp = args.out / ".digits_text.tmp"
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if (args.out / "digits_text").exists():
+            import shutil
+            shutil.rmtree(args.out / "digits_text")
+        tmp.rename(args.out / "digits_text")
+        meta["digits_text"] = {"steps": args.steps, "batch": args.batch, "seconds": round(time.time() - t0),
+                               "threads": torch.get_num_threads()}
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
 

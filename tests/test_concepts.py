@@ -1,6 +1,6 @@
 """Text concepts on a tiny Stable Diffusion pipeline built locally (random weights, no download): the
 pipeline adapter, and ESD / EraseDiff moving the concept prompt's prediction toward the target each
-method defines on held-out noisy inputs while unrelated prompts stay close to the original."""
+method defines on held-out noisy inputs (unrelated prompts: tests/test_concepts_digits.py, on a trained model)."""
 import copy
 
 import pytest
@@ -59,15 +59,11 @@ def test_concept_on_a_class_model_is_a_clear_error(tiny):
         fu.erase(unet, forget=fu.Concept(CONCEPT), method="esd", scheduler=sched, steps=1, progress=False)
 
 
-# Why the selectivity checks below are strict xfails (measured; see the tests for the numbers). The
-# pipeline has random weights: (1) its text encoder gives every prompt ~85% of the same hidden state
-# (the shared BOS/attention-sink position, the final layer norm), so any cross-attention edit made for one
-# prompt transfers to all of them; ESD has no preservation term, and its edit moves unrelated prompts by
-# ~85% of the concept's own move. (2) EraseDiff's retain term is the denoising loss, which a random UNet is
-# nowhere near the minimum of, so it rewrites every prediction (mean squared change ~0.2, more than the
-# predictions' own energy ~0.12), and the forget term's own effect is not prompt-selective either (unrelated
-# prompts move ~0.7x as much as the concept under it). "Unrelated prompts stay close" needs a text model
-# trained to tell prompts apart; the moves toward each method's target are tested for real.
+# This pipeline has random weights: its text encoder gives every prompt ~85% of the same hidden state, and its
+# UNet is nowhere near the minimum of the denoising loss, so what a method does to *other* prompts says nothing
+# here. Selectivity (unrelated prompts stay close, other classes keep their rate) is tested on the trained
+# text-to-image digits model in tests/test_concepts_digits.py; the moves toward each method's target are
+# tested here.
 
 
 @pytest.fixture(scope="module")
@@ -100,15 +96,6 @@ def test_esd_moves_the_concept_toward_its_target(esd_run):
     after = _mse(_eps(res.model, x, t, enc, CONCEPT), esd_run["target"])
     assert after < 0.3 * before, (before, after)  # measured: ~0.005x
 
-
-@pytest.mark.xfail(strict=True, reason="random-weight toy: prompts share ~85% of their text state and ESD has no "
-                   "preservation term, so its edit moves unrelated prompts ~0.85x as much as the concept")
-def test_esd_leaves_unrelated_prompts_close(esd_run):
-    base, res, enc, x, t = (esd_run[k] for k in ("base", "res", "enc", "x", "t"))
-    move = _mse(_eps(res.model, x, t, enc, CONCEPT), esd_run["e_c"])
-    for prompt in UNRELATED:
-        drift = _mse(_eps(res.model, x, t, enc, prompt), _eps(base, x, t, enc, prompt))
-        assert drift < 0.3 * move, (prompt, drift, move)
 
 
 @pytest.fixture(scope="module")
@@ -146,15 +133,3 @@ def test_erasediff_maps_the_concept_onto_its_anchor(erasediff_runs):
     print(f"gap to the anchor: base {gap_before:.3g}, retain-only control {gap_control:.3g}, erasediff {gap_after:.3g}")
     assert gap_after < 0.5 * gap_before, (gap_before, gap_after)  # measured: 0.30x (the control alone: 0.44x)
     assert gap_after < 0.85 * gap_control, (gap_control, gap_after)  # the forget term's own doing (0.68x)
-
-
-@pytest.mark.xfail(strict=True, reason="random-weight toy: the retain (denoising) term rewrites every prediction of "
-                   "an untrained UNet, and the forget term's effect is not prompt-selective (~0.7x on unrelated "
-                   "prompts), see the note above")
-def test_erasediff_keeps_retain_prompts(erasediff_runs):
-    r = erasediff_runs
-    x, t, enc = r["x"], r["t"], r["enc"]
-    concept_move = _mse(_eps(r["res"].model, x, t, enc, CONCEPT), _eps(r["control"].model, x, t, enc, CONCEPT))
-    for prompt in UNRELATED:
-        drift = _mse(_eps(r["res"].model, x, t, enc, prompt), _eps(r["control"].model, x, t, enc, prompt))
-        assert drift < 0.3 * concept_move, (prompt, drift, concept_move)

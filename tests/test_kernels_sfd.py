@@ -9,26 +9,16 @@ import torch
 
 from fastunlearn import losses
 from fastunlearn.kernels import _common as C
+from fastunlearn.kernels import testing as T
 from fastunlearn.kernels import sfd as K
 
-pytestmark = pytest.mark.skipif(
-    not (C.interpreter_ready() or torch.cuda.is_available()),
-    reason="Triton kernels need CUDA or TRITON_INTERPRET=1 before triton is imported; "
-           "tests/test_kernels_interpreter.py reruns this file that way")
-DEVICE = "cpu" if C.interpreter_ready() else "cuda"
-GRAD_RTOL = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-VALUE_RTOL = 2e-5
+pytestmark = [pytest.mark.skipif(not T.kernels_can_run(), reason=T.SKIP_REASON),
+              pytest.mark.usefixtures("poison_kernels")]
+DEVICE = T.device()
+GRAD_RTOL, VALUE_RTOL = T.GRAD_RTOL, T.VALUE_RTOL
 
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(C, "POISON", True)
-
-
-def close(got, ref, rtol):
-    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
-    assert torch.isfinite(got).all(), "non-finite (unwritten?) output"
-    torch.testing.assert_close(got, ref, rtol=rtol, atol=rtol * float(ref.abs().max()) + 1e-30)
+close = T.assert_close
 
 
 def _inputs(B, shape, dtype, seed=0):

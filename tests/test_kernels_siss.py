@@ -11,24 +11,14 @@ import torch
 
 from fastunlearn import losses
 from fastunlearn.kernels import _common as C
+from fastunlearn.kernels import testing as T
 from fastunlearn.kernels import siss as K
 from fastunlearn.models import digits_scheduler
 
-pytestmark = pytest.mark.skipif(
-    not (C.interpreter_ready() or torch.cuda.is_available()),
-    reason="Triton kernels need CUDA or TRITON_INTERPRET=1 before triton is imported; "
-           "tests/test_kernels_interpreter.py reruns this file that way")
-DEVICE = "cpu" if C.interpreter_ready() else "cuda"
-
-# Relative tolerance of a gradient written in the input dtype (half an ulp is 2^-12 in fp16, 2^-9 in bf16);
-# the losses and weights are fp32 whatever the input dtype.
-GRAD_RTOL = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-VALUE_RTOL = 2e-5
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(C, "POISON", True)
+pytestmark = [pytest.mark.skipif(not T.kernels_can_run(), reason=T.SKIP_REASON),
+              pytest.mark.usefixtures("poison_kernels")]
+DEVICE = T.device()
+GRAD_RTOL, VALUE_RTOL = T.GRAD_RTOL, T.VALUE_RTOL
 
 
 def _dev(*ts):
@@ -40,11 +30,7 @@ def kernel(pred, x, a, noise, mask, gamma, sigma, lambd):
     return tuple(t.cpu() for t in K.siss_loss(*_dev(pred, x, a, noise, mask, gamma, sigma), lambd))
 
 
-def close(got, ref, rtol):
-    """|got − ref| ≤ rtol·(|ref| + max|ref|): relative per element, with a floor for elements near 0."""
-    got, ref = got.double(), ref.double()
-    assert torch.isfinite(got).all(), "non-finite (unwritten?) output"
-    torch.testing.assert_close(got, ref, rtol=rtol, atol=rtol * float(ref.abs().max()))
+close = T.assert_close
 
 
 def _inputs(B, shape, dtype, t_lo, seed=0, pred_dtype=None):

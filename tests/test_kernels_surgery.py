@@ -9,18 +9,12 @@ import torch
 
 from fastunlearn import ops
 from fastunlearn.kernels import _common as C
+from fastunlearn.kernels import testing as T
 from fastunlearn.kernels import surgery as K
 
-pytestmark = pytest.mark.skipif(
-    not (C.interpreter_ready() or torch.cuda.is_available()),
-    reason="Triton kernels need CUDA or TRITON_INTERPRET=1 before triton is imported; "
-           "tests/test_kernels_interpreter.py reruns this file that way")
-DEVICE = "cpu" if C.interpreter_ready() else "cuda"
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(C, "POISON", True)
+pytestmark = [pytest.mark.skipif(not T.kernels_can_run(), reason=T.SKIP_REASON),
+              pytest.mark.usefixtures("poison_kernels")]
+DEVICE = T.device()
 
 
 def _lists(sizes_dtypes, seed=0):

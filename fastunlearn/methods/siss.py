@@ -49,8 +49,8 @@ _SISS_DEFAULTS = dict(steps=300, batch_size=64, lr=1e-4, betas=(0.95, 0.999), we
 def _where_cond(mask, cond_x, cond_a):
     if cond_x is None:
         return None
-    if isinstance(cond_x, torch.Tensor):
-        return torch.where(mask, cond_x, cond_a)
+    if isinstance(cond_x, torch.Tensor):  # per-row mask over labels [B] or embeddings [B, L, D]
+        return torch.where(mask.view(-1, *[1] * (cond_x.ndim - 1)), cond_x, cond_a)
     if isinstance(cond_x, dict):
         return {k: _where_cond(mask, cond_x[k], cond_a[k]) for k in cond_x}
     raise TypeError(f"unsupported conditioning {type(cond_x).__name__}")

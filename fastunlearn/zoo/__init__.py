@@ -17,11 +17,25 @@ def outlier_image() -> torch.Tensor:
     return img
 
 
+NAMES = ("digits", "digits_outlier", "digits_text")
+
+
+def get(name: str):
+    """A bundled model by name: a UNet with its scheduler as a pair, or the text pipeline."""
+    if name not in NAMES:
+        raise ValueError(f"name: expected one of {', '.join(NAMES)}, got {name!r}")
+    return digits_text() if name == "digits_text" else _load(name)
+
+
 def _load(name: str):
+    """(unet, scheduler) of a bundled model (for the text pipeline: its UNet and scheduler)."""
     from diffusers import DDPMScheduler
 
     from ..models import load_unet
 
+    if name == "digits_text":
+        pipe = digits_text()
+        return pipe.unet, pipe.scheduler
     folder = ZOO / name
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"bundled model {name!r} missing at {folder}: run scripts/train_digits.py")
@@ -47,3 +61,23 @@ def classifier():
     clf = DigitsClassifier()
     clf.load_state_dict(load_file(str(ZOO / "classifier.safetensors")))
     return clf.eval().requires_grad_(False)
+
+
+def digits_text():
+    """The text-conditional digits pipeline: a tiny ``StableDiffusionPipeline`` (no VAE; 1x8x8 samples,
+    UNet2DConditionModel with cross-attention, CLIP text encoder, tokenizer built locally) trained on the
+    digits with prompts that name them, ``fastunlearn.text.digit_prompt(c)`` ("a picture of the digit
+    three"). Its UNet records those prompts (``fastunlearn_class_prompts``), so ``evaluate`` judges a
+    concept erased from it class by class."""
+    from ..pipelines import load_pipeline
+    from ..text import DIGIT_NAMES, digit_prompt
+
+    folder = ZOO / "digits_text"
+    if not (folder / "model_index.json").exists():
+        raise FileNotFoundError(f"bundled model 'digits_text' missing at {folder}: run scripts/train_digits.py "
+                                "--only digits-text")
+    pipe = load_pipeline(folder)
+    pipe.unet.eval().register_to_config(fastunlearn_zoo_name="digits_text",
+                                        fastunlearn_class_prompts=[digit_prompt(c) for c in range(len(DIGIT_NAMES))])
+    pipe.text_encoder.eval()
+    return pipe
