@@ -226,4 +226,4 @@ def test_erasediff_forgets_one_digit_and_keeps_the_rest(digits_rates_before):
           f"(min {s['retain_ratio_min']:.3f}), {res.meta['steps']} steps, {seconds:.0f} s; after {after}")
     assert s["forget_rate_before"] >= 0.75, s
     assert s["forget_rate_after"] <= 0.02, s
-    assert s["retain_ratio_mean"] >= 0.95, s
+    assert s["retain_ratio_mean"] >= 0.95 and s["retain_ratio_min"] >= 0.95, s  # measured: 1.005, worst 0.978
