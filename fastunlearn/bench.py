@@ -431,16 +431,11 @@ def markdown(doc) -> str:
                   f"{p['forget_class']} (lower is better; retraining shows the floor). Retain rate: the same "
                   "for the other labels. FD: Fréchet distance of classifier features to the real digits of "
                   "that class (lower is closer to real).", "",
-                  "| model | forget rate | retain rate | FD digit 3 | FD other digits | time | peak memory | steps |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in cls_rows:
-            if "error" in r:
-                lines.append(f"| `{r['model']}` | error: {r['error'][:80]} | | | | | | |")
-                continue
-            lines.append(f"| {_label(r)} | {_pct(r['forget_rate'])} | {_pct(r['retain_rate'])} | "
-                         f"{_num(r['fd_forget'])} | {_num(r['fd_retain'])} | {_time(r)} | "
-                         f"{_num(r['peak_memory_mb'], '{:.0f} MB')} | {_steps(r)} |")
-        lines.append("")
+                  ]
+        lines += _table(cls_rows, [
+            ("forget rate", lambda r: _pct(r["forget_rate"])), ("retain rate", lambda r: _pct(r["retain_rate"])),
+            (f"FD digit {p['forget_class']}", lambda r: _num(r["fd_forget"])),
+            ("FD other digits", lambda r: _num(r["fd_retain"]))])
     data_rows = [r for r in rows if r["setting"] == "data"]
     if data_rows:
         lines += ["## Forget a memorised training image (unconditional model)", "",
@@ -448,17 +443,25 @@ def markdown(doc) -> str:
                   f"samples within mean squared distance {p['near_copy_mse']} of the forgotten glyph (lower is "
                   "better). On the other samples: recognisable rate (classifier > 90% sure of a digit) and FD to "
                   "all real digits.", "",
-                  "| model | near-copy rate | recognisable rate | FD | time | peak memory | steps |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in data_rows:
-            if "error" in r:
-                lines.append(f"| `{r['model']}` | error: {r['error'][:80]} | | | | | |")
-                continue
-            lines.append(f"| {_label(r)} | {_pct(r['near_copy_rate'])} | {_pct(r['recognisable_rate'])} | "
-                         f"{_num(r['fd'])} | {_time(r)} | {_num(r['peak_memory_mb'], '{:.0f} MB')} | "
-                         f"{_steps(r)} |")
-        lines.append("")
+                  ]
+        lines += _table(data_rows, [
+            ("near-copy rate", lambda r: _pct(r["near_copy_rate"])),
+            ("recognisable rate", lambda r: _pct(r["recognisable_rate"])), ("FD", lambda r: _num(r["fd"]))])
     return "\n".join(lines)
+
+
+def _table(rows, measures) -> list:
+    """Markdown lines of one setting's table: the model, its measures, then time, peak memory and steps."""
+    columns = [("model", _label), *measures, ("time", _time),
+               ("peak memory", lambda r: _num(r["peak_memory_mb"], "{:.0f} MB")), ("steps", _steps)]
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        if "error" in r:
+            cells = [f"`{r['model']}`", f"error: {r['error'][:80]}"] + [""] * (len(columns) - 2)
+        else:
+            cells = [f(r) for _, f in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def plot(doc, path: Path) -> Path:
