@@ -44,6 +44,16 @@ def retrained_name(kind: str, forget_class: int = 3) -> str:
     return f"digits_without_{forget_class}" if kind == "class" else "digits_outlier_without_outlier"
 
 
+def noised_batch(images, ac, batch):
+    """One denoising-loss batch: (indices, t, ε, x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε), drawn in this order."""
+    idx = torch.randint(0, images.shape[0], (batch,))
+    x0 = images[idx]
+    t = torch.randint(0, 1000, (batch,))
+    eps = torch.randn_like(x0)
+    x_t = ac[t].sqrt().view(-1, 1, 1, 1) * x0 + (1 - ac[t]).sqrt().view(-1, 1, 1, 1) * eps
+    return idx, t, eps, x_t
+
+
 def train_unet(images, labels, class_conditional, steps, batch, seed, log):
     torch.manual_seed(seed)
     unet = build_digits_unet(class_conditional)
@@ -52,16 +62,9 @@ def train_unet(images, labels, class_conditional, steps, batch, seed, log):
     ac = sched.alphas_cumprod
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
     lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
-    n = images.shape[0]
     t0 = time.time()
     for step in range(steps):
-        idx = torch.randint(0, n, (batch,))
-        x0 = images[idx]
-        t = torch.randint(0, 1000, (batch,))
-        eps = torch.randn_like(x0)
-        g = ac[t].sqrt().view(-1, 1, 1, 1)
-        s = (1 - ac[t]).sqrt().view(-1, 1, 1, 1)
-        x_t = g * x0 + s * eps
+        idx, t, eps, x_t = noised_batch(images, ac, batch)
         if class_conditional:
             y = labels[idx].clone()
             y[torch.rand(batch) < 0.1] = DIGITS_NULL_CLASS
@@ -101,14 +104,10 @@ def train_text_pipeline(images, labels, steps, batch, seed, log):
     ac = pipe.scheduler.alphas_cumprod
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
-    n, n_templates = images.shape[0], len(DIGIT_TEMPLATES)
+    n_templates = len(DIGIT_TEMPLATES)
     t0 = time.time()
     for step in range(steps):
-        idx = torch.randint(0, n, (batch,))
-        x0 = images[idx]
-        t = torch.randint(0, 1000, (batch,))
-        eps = torch.randn_like(x0)
-        x_t = ac[t].sqrt().view(-1, 1, 1, 1) * x0 + (1 - ac[t]).sqrt().view(-1, 1, 1, 1) * eps
+        idx, t, eps, x_t = noised_batch(images, ac, batch)
         row = torch.randint(0, n_templates, (batch,)) * 10 + labels[idx]
         row[torch.rand(batch) < 0.1] = len(prompts) - 1
         hidden = text_encoder(ids[row])[0]
