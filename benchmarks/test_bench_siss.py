@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import fastunlearn as fu
-from fastunlearn import losses
 from fastunlearn.methods import get_method
+from fastunlearn.methods.siss import official_losses
 from fastunlearn.models import build_digits_unet, digits_scheduler
 from fastunlearn.run import Run, step_generator
 
@@ -43,15 +43,7 @@ def reference_siss_step(run, opt, step, lambd=0.5, S=0.5):
     """The official gradient handling (§2.2): backward(ℓ_x, retain_graph) → snapshot .grad → backward(ℓ_a) →
     difference → rescale → clip_grad_norm_ → step."""
     params = run.trainable_parameters()
-    gen = step_generator(0, step)
-    keep, forget = run.retain_batch(gen, B), run.forget_batch(gen, B)
-    t = torch.randint(0, 1000, (B,), generator=gen)
-    noise = torch.randn(keep.x0.shape, generator=gen)
-    mask = torch.rand(B, generator=gen) > lambd
-    gamma, sigma = run.gamma_sigma(t)
-    m = losses.siss_mixture(keep.x0, forget.x0, noise, mask, gamma, sigma)
-    pred = run.model(m, t, class_labels=torch.where(mask, keep.cond, forget.cond)).sample
-    lx, la, _, _ = losses.siss_loss(pred, keep.x0, forget.x0, noise, mask, gamma, sigma, lambd)
+    lx, la = official_losses(run, step, lambd)
     opt.zero_grad()
     lx.backward(retain_graph=True)
     snapshot = {p: p.grad.clone() for p in params}

@@ -13,8 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten
 
 import fastunlearn as fu
-from fastunlearn import losses
 from fastunlearn.methods import get_method
+from fastunlearn.methods.siss import official_losses
 from fastunlearn.run import Run, step_generator
 
 B = 8
@@ -74,15 +74,7 @@ def _method(digits, name, **options):
 
 def _official_siss_step(run, params, lambd=0.5):
     """§2.2's gradient handling, as benchmarks/test_bench_siss.py times it."""
-    gen = step_generator(0, 1)
-    keep, forget = run.retain_batch(gen, B), run.forget_batch(gen, B)
-    t = torch.randint(0, 1000, (B,), generator=gen)
-    noise = torch.randn(keep.x0.shape, generator=gen)
-    mask = torch.rand(B, generator=gen) > lambd
-    gamma, sigma = run.gamma_sigma(t)
-    m = losses.siss_mixture(keep.x0, forget.x0, noise, mask, gamma, sigma)
-    pred = run.model(m, t, class_labels=torch.where(mask, keep.cond, forget.cond)).sample
-    lx, la, _, _ = losses.siss_loss(pred, keep.x0, forget.x0, noise, mask, gamma, sigma, lambd)
+    lx, la = official_losses(run, 1, lambd)
     lx.backward(retain_graph=True)
     snapshot = {p: p.grad.clone() for p in params}
     la.backward()

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from fastunlearn import losses
 from fastunlearn.methods import get_method
+from fastunlearn.methods.siss import official_losses
 from fastunlearn.run import Run, step_generator
 
 
@@ -20,16 +20,7 @@ def _reference_grads(run, step, lambd, S, max_norm):
     """Official-style gradients for the same draws as SISS.step."""
     model = copy.deepcopy(run.model)
     params = [p for p in model.parameters() if p.requires_grad]
-    gen = step_generator(run.seed, step)
-    B = run.batch_size
-    keep, forget = run.retain_batch(gen, B), run.forget_batch(gen, B)
-    t = torch.randint(0, 1000, (B,), generator=gen)
-    noise = torch.randn(keep.x0.shape, generator=gen)
-    mask = torch.rand(B, generator=gen) > lambd
-    gamma, sigma = run.gamma_sigma(t)
-    m = losses.siss_mixture(keep.x0, forget.x0, noise, mask, gamma, sigma)
-    pred = model(m, t, class_labels=torch.where(mask, keep.cond, forget.cond)).sample
-    lx, la, _, _ = losses.siss_loss(pred, keep.x0, forget.x0, noise, mask, gamma, sigma, lambd)
+    lx, la = official_losses(run, step, lambd, model)
     lx.backward(retain_graph=True)
     snap = [p.grad.clone() for p in params]
     la.backward()
