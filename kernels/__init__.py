@@ -1,1 +1,0 @@
-"""Triton kernels of fastunlearn, installed as ``fastunlearn.kernels`` (never a bare ``kernels``)."""
