@@ -21,8 +21,8 @@ peak memory and optimizer steps.
 
 Retrained references. ``scripts/train_digits.py --only retrain-class|retrain-outlier`` trains them with the
 bundled models' own recipe and seed (4,000 steps of batch 128, about 15 min each on one CPU core), so the
-data is the only difference; they are committed under ``benchmarks/results/retrained/`` and the table
-shows the training time they took. ``--retrain-steps N`` retrains them within the run instead (same recipe,
+data is the only difference; they ship with the package (``fastunlearn/zoo/retrained/``, 5 MB, so the bench
+runs from an installed wheel) and the table shows the training time they took. ``--retrain-steps N`` retrains them within the run instead (same recipe,
 N steps; 1,000 steps take about 4 min per model on 2 cores).
 
 Peak memory. Each method runs in a fresh process (``spawn``), so numbers do not leak between methods. On
@@ -31,6 +31,7 @@ resident memory just before it (the process's high-water mark, and a 1 ms sample
 earlier high-water mark).
 
     fastunlearn bench            # full: ~20 min on 2 CPU cores; writes benchmarks/results/bench.{json,md,png}
+                                 # in a clone, ./fastunlearn-bench from an installed package
     fastunlearn bench --quick    # CI smoke run: few steps and samples, a few minutes
 """
 from __future__ import annotations
@@ -50,8 +51,8 @@ from typing import Optional
 import torch
 
 FORGET_CLASS = 3
+# A source checkout (the bench's results are committed there); from an installed wheel this is site-packages.
 ROOT = Path(__file__).resolve().parents[1]
-RETRAINED_DIR = ROOT / "benchmarks" / "results" / "retrained"
 SETTINGS = ("class", "data")
 
 # The few per-method choices of the benchmark; everything else is the method's own defaults (which its
@@ -77,8 +78,9 @@ FULL = dict(steps=None, n_per_class=100, n_samples=1000, num_inference_steps=50)
 
 # ------------------------------------------------------------------------------------------------ setup
 def retrained_folder(setting: str) -> Path:
-    name = f"digits_without_{FORGET_CLASS}" if setting == "class" else "digits_outlier_without_outlier"
-    return RETRAINED_DIR / name
+    from .zoo.recipe import RETRAINED, retrained_name
+
+    return RETRAINED / retrained_name(setting if setting == "class" else "outlier", FORGET_CLASS)
 
 
 def fits(cls, setting: str) -> bool:
@@ -245,12 +247,8 @@ def run_reference(kind: str, setting: str, proto: dict, retrain_steps: Optional[
 
 
 def retrain(setting: str, steps: int, batch: int = 128):
-    """Train the reference from scratch within the run, with the bundled recipe (``scripts/train_digits.py``)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from train_digits import train_unet  # the one recipe, shared with the committed references
-    finally:
-        sys.path.pop(0)
+    """Train the reference from scratch within the run, with the recipe that trained the committed ones."""
+    from . import zoo
     from .datasets import digits_tensors
     from .models import digits_scheduler
 
@@ -258,9 +256,9 @@ def retrain(setting: str, steps: int, batch: int = 128):
     t0 = time.perf_counter()
     if setting == "class":
         keep = labels != FORGET_CLASS
-        unet = train_unet(images[keep], labels[keep], True, steps, batch, 0, lambda *_: None)
+        unet = zoo.recipe.train_unet(images[keep], labels[keep], True, steps, batch, 0, lambda *_: None)
     else:
-        unet = train_unet(images, None, False, steps, batch, 1, lambda *_: None)
+        unet = zoo.recipe.train_unet(images, None, False, steps, batch, 1, lambda *_: None)
     return unet.eval(), digits_scheduler(), {"seconds": round(time.perf_counter() - t0, 3), "steps": steps,
                                             "batch": batch}
 
@@ -340,7 +338,7 @@ def run_bench(out=None, quick: bool = False, methods=None, settings=SETTINGS, is
         "protocol": {**proto, "forget_class": FORGET_CLASS, "quick": quick,
                      "judge": "fastunlearn.zoo.classifier (98.3% on 300 held-out real digits)",
                      "near_copy_mse": _near_copy(), "sampler": "DDIM eta=0, seed 0 (SFD: its one-step generator)",
-                     "retrained": "in run" if retrain_steps else "committed (scripts/train_digits.py)"},
+                     "retrained": "in run" if retrain_steps else "bundled (fastunlearn/zoo/retrained)"},
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                     "cpu_count": os.cpu_count(), "threads": threads or torch.get_num_threads(),
@@ -362,7 +360,8 @@ def run_bench(out=None, quick: bool = False, methods=None, settings=SETTINGS, is
 def default_out(quick: bool) -> Path:
     if quick:
         return Path("fastunlearn-bench-quick")
-    return ROOT / "benchmarks" / "results" if (ROOT / "benchmarks").is_dir() else Path("fastunlearn-bench")
+    in_clone = (ROOT / "pyproject.toml").is_file() and (ROOT / "benchmarks" / "results").is_dir()
+    return ROOT / "benchmarks" / "results" if in_clone else Path("fastunlearn-bench")
 
 
 def _near_copy():

@@ -16,12 +16,11 @@ forgotten data. The same recipe (steps, batch, seed, schedule, EMA) trains those
 * ``--only retrain-outlier``: ``digits_outlier`` without the outlier copies, i.e. the plain digits.
 
     python scripts/train_digits.py            # writes fastunlearn/zoo/...
-    python scripts/train_digits.py --only retrain-class --threads 1    # writes benchmarks/results/retrained/...
+    python scripts/train_digits.py --only retrain-class --threads 1    # writes fastunlearn/zoo/retrained/...
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
@@ -32,58 +31,11 @@ from safetensors.torch import save_file
 
 from fastunlearn.classifier import DigitsClassifier
 from fastunlearn.datasets import digits_tensors
-from fastunlearn.models import DIGITS_NULL_CLASS, build_digits_unet, digits_scheduler
+from fastunlearn.models import digits_scheduler
 from fastunlearn.zoo import ZOO, outlier_image
+from fastunlearn.zoo.recipe import RETRAINED, noised_batch, retrained_name, train_unet
 
 OUTLIER_COPIES = 90  # ~5% of the training set: enough that the plain model reproduces it
-RETRAINED = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "retrained"
-
-
-def retrained_name(kind: str, forget_class: int = 3) -> str:
-    """Folder name of a retrained-from-scratch reference model (``fastunlearn.bench`` uses the same)."""
-    return f"digits_without_{forget_class}" if kind == "class" else "digits_outlier_without_outlier"
-
-
-def noised_batch(images, ac, batch):
-    """One denoising-loss batch: (indices, t, ε, x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε), drawn in this order."""
-    idx = torch.randint(0, images.shape[0], (batch,))
-    x0 = images[idx]
-    t = torch.randint(0, 1000, (batch,))
-    eps = torch.randn_like(x0)
-    x_t = ac[t].sqrt().view(-1, 1, 1, 1) * x0 + (1 - ac[t]).sqrt().view(-1, 1, 1, 1) * eps
-    return idx, t, eps, x_t
-
-
-def train_unet(images, labels, class_conditional, steps, batch, seed, log):
-    torch.manual_seed(seed)
-    unet = build_digits_unet(class_conditional)
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    sched = digits_scheduler()
-    ac = sched.alphas_cumprod
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
-    lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
-    t0 = time.time()
-    for step in range(steps):
-        idx, t, eps, x_t = noised_batch(images, ac, batch)
-        if class_conditional:
-            y = labels[idx].clone()
-            y[torch.rand(batch) < 0.1] = DIGITS_NULL_CLASS
-            pred = unet(x_t, t, class_labels=y).sample
-        else:
-            pred = unet(x_t, t).sample
-        loss = F.mse_loss(pred, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        lr_sched.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
-        if step % 500 == 0 or step == steps - 1:
-            log(f"  step {step:5d} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
-    return ema
 
 
 def train_text_pipeline(images, labels, steps, batch, seed, log):
@@ -237,7 +189,7 @@ def retrain(args, images, labels):
     unet.save_pretrained(tmp)
     digits_scheduler().save_pretrained(tmp)
     record = {**what, "steps": args.steps, "batch": args.batch, "seconds": seconds,
-              "threads": torch.get_num_threads(), "recipe": "scripts/train_digits.py:train_unet"}
+              "threads": torch.get_num_threads(), "recipe": "fastunlearn.zoo.recipe:train_unet"}
     (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     if folder.exists():
         import shutil

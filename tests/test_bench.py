@@ -86,19 +86,16 @@ def test_bench_reports_a_failing_method_and_goes_on(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("setting", bench.SETTINGS)
 def test_retrain_in_run_leaves_out_the_forgotten_data(setting, monkeypatch):
-    import sys
+    from fastunlearn.zoo import recipe
 
     seen = {}
-    sys.path.insert(0, str(bench.ROOT / "scripts"))
-    import train_digits
-    sys.path.pop(0)
-    real = train_digits.train_unet
+    real = recipe.train_unet
 
     def spy(images, labels, class_conditional, steps, batch, seed, log):
         seen.update(images=images, labels=labels, class_conditional=class_conditional)
         return real(images, labels, class_conditional, steps, batch, seed, log)
 
-    monkeypatch.setattr(train_digits, "train_unet", spy)
+    monkeypatch.setattr(recipe, "train_unet", spy)
     unet, sched, rec = bench.retrain(setting, steps=1, batch=4)
     assert rec["steps"] == 1 and rec["seconds"] > 0
     if setting == "class":
