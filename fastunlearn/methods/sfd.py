@@ -362,13 +362,24 @@ class SFD(Method):
 
     # ------------------------------------------------------------------ the two updates
     def fake_score_loss(self, labels: Labels, d: Draws, coefs):
-        """L_ψ on stop-gradient generator samples (§5.2): SUM over D, mean over rows; NaN rows dropped."""
+        """L_ψ on stop-gradient generator samples (§5.2): SUM over D, mean over rows; NaN rows dropped.
+
+        A row is dropped *before* anything reduces over the batch, so the other rows' gradient survives
+        (the official per-row NaN masks, §5.4, §5.9): a non-finite generator sample is replaced by zeros before
+        ψ's forward (a NaN input would reach the weight gradients through the activations, where a zero
+        cotangent still gives 0·NaN = NaN), and a non-finite output row is replaced by its target, so its
+        residual and its cotangent are exactly zero. The mean stays over the full row counts."""
         with torch.no_grad():
             x_g = self.generate(d.z, self.cond(labels.gen), train=False)
+            good_in = torch.isfinite(x_g.float()).flatten(1).all(1)
+            x_g = torch.where(_rows(good_in, x_g), x_g, torch.zeros_like(x_g))
         x_t, t, e, _, _ = self.noised(x_g, d)
         eps_psi = self.roles.eps("fake", x_t.to(self.run.dtype), t, self.cond(labels.gen), train=True)
-        per = sum_dims((eps_psi.float() - e.float()) ** 2)
-        per = torch.where(torch.isfinite(per), per, torch.zeros_like(per))
+        e = e.to(eps_psi.device).float()
+        with torch.no_grad():
+            good = good_in.to(eps_psi.device) & torch.isfinite(eps_psi.float()).flatten(1).all(1)
+        resid = torch.where(_rows(good, e), eps_psi.float(), e) - e
+        per = sum_dims(resid ** 2)
         n_r = labels.n_remain
         loss_r = per[:n_r].sum() / n_r
         loss_f = per[n_r:].sum() / max(1, per.numel() - n_r)
@@ -469,6 +480,11 @@ class SFD(Method):
         finally:
             gen_model.train(was_training)
         return torch.cat(out)
+
+
+def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-row mask [B] broadcast against [B, ...]."""
+    return mask.reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def _index(cond, ids):
