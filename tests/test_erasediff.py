@@ -92,6 +92,62 @@ def test_relabel_onto_a_fixed_class(tiny, digits_split):
         _method(_run(tiny, forget, retain), relabel=3)  # the forgotten class itself
 
 
+def test_auto_relabel_picks_the_class_farthest_in_score(tiny, digits_split):
+    """relabel="auto" (default): the kept class k maximising E‖ε(x_t, k) − ε(x_t, c_f)‖² over noised forget rows."""
+    forget, retain = digits_split  # forget: digit 3
+    run = _run(tiny, forget, retain)
+    m = _method(run)
+    dist = m.relabel_distances
+    assert sorted(dist) == [c for c in range(10) if c != 3] and len(set(dist.values())) == 9
+    chosen = max(dist, key=dist.get)
+    assert m.others.tolist() == [chosen] and (m.draw(step_generator(0, 0))["relabel"] == chosen).all()
+    # by hand for the chosen class and one other, on the same draws
+    gen = torch.Generator().manual_seed(m._data_seed + 2)
+    model = run.model.eval()
+    sums = {}
+    for _ in range(4):
+        b = run.forget_batch(gen, min(64, len(forget)))
+        t = torch.randint(0, 1000, (b.x0.shape[0],), generator=gen)
+        e = torch.randn(b.x0.shape, generator=gen)
+        g, sg = run.gamma_sigma(t)
+        x_t = g.view(-1, 1, 1, 1) * b.x0 + sg.view(-1, 1, 1, 1) * e
+        with torch.no_grad():
+            ref = model(x_t, t, class_labels=b.cond).sample
+            for k in (chosen, 0 if chosen else 1):
+                other = model(x_t, t, class_labels=torch.full_like(b.cond, k)).sample
+                sums[k] = sums.get(k, 0.0) + float(((other - ref) ** 2).mean()) / 4
+    for k, v in sums.items():
+        assert dist[k] == pytest.approx(v, rel=1e-3)
+    rows = {int(_method(run, relabel="batch").draw(step_generator(0, s))["relabel"][0]) for s in range(12)}
+    assert len(rows) > 1  # the official random class per batch stays available
+
+
+def test_ema_copy_is_what_the_result_holds(tiny, digits_split):
+    """ema=μ: ema ← μ·ema + (1 − μ)·θ after every optimizer step, starting from the input weights, and the
+    result's weights are the EMA copy (the official DDPM code samples and saves it)."""
+    from types import SimpleNamespace
+
+    forget, retain = digits_split
+    run = _run(tiny, forget, retain)
+    m = _method(run, ema=0.5)
+    params = m.trainable_parameters()
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    for s in range(3):
+        m.step(s, step_generator(0, s))
+        opt.step()
+        ema = [0.5 * e + 0.5 * p.detach() for e, p in zip(ema, params)]
+    last = [p.detach().clone() for p in params]
+    res = SimpleNamespace(extras={})
+    m.finish(res)
+    assert res.extras["ema"] == 0.5
+    for p, e, raw in zip(params, ema, last):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-6, atol=1e-7)
+    assert any(not torch.allclose(e, raw) for e, raw in zip(ema, last))
+    assert _method(_run(tiny, forget, retain)).ema_decay == 0.99  # "auto" on a pixel model: the official 0.99
+    assert _method(_run(tiny, forget, retain), ema=None).ema is None
+
+
 def test_adaptive_and_bome_rules_by_hand():
     # g_r = (3, 4), g_f = (4, 3): ‖g_r‖² = ‖g_f‖² = 25, ⟨g_r, g_f⟩ = 24, cos = 0.96
     assert adaptive_lambda(25.0, 25.0, 24.0, 0.1) == 0.0  # 0.1 − 0.96 < 0
@@ -174,6 +230,7 @@ def test_unconditional_model_needs_the_uniform_target(make_tiny_unet, digits_spl
     (dict(relabel="sample"), "relabel"),
     (dict(antithetic_t="yes"), "antithetic_t"),
     (dict(n_generate=0), "n_generate"),
+    (dict(ema=1.5), "ema"),
     (dict(lamda=0.1), "lamda"),
 ])
 def test_bad_options_name_the_option(tiny, digits_split, opts, name):

@@ -127,8 +127,9 @@ class EraseDiff(Method):
     needs_retain = False  # retain data is required, but it may be prompts or fu.Classes (checked in setup)
     defaults = dict(steps=150, batch_size=32, lr=5e-5, optimizer="adam", betas=(0.9, 0.999), weight_decay=0.0)
     options = dict(forget_target=None, lambd=0.1, lambda_rule="fixed", eta_bome=0.1, antithetic_t=True,
-                   relabel="batch", params="full", max_grad_norm=1.0, n_generate=256, generate_steps=50,
-                   generate_guidance=None)
+                   relabel="auto", params="full", max_grad_norm=1.0, n_generate=256, generate_steps=50,
+                   generate_guidance=None, ema="auto")
+    OFFICIAL_EMA = 0.99  # cifar10_erasediff.yml (DDPM code); the SD scripts keep no EMA (§4.2, §4.4)
 
     @classmethod
     def validate_options(cls, opts):
@@ -140,8 +141,12 @@ class EraseDiff(Method):
         if not isinstance(opts["antithetic_t"], bool):
             raise bad_type("antithetic_t", "True or False", opts["antithetic_t"])
         r = opts["relabel"]
-        if not (r in ("batch", "row") or (isinstance(r, int) and not isinstance(r, bool) and r >= 0)):
-            raise bad_value("relabel", "'batch' | 'row' | a class id to map the forgotten classes onto", r)
+        if not (r in ("auto", "batch", "row") or (isinstance(r, int) and not isinstance(r, bool) and r >= 0)):
+            raise bad_value("relabel", "'auto' | 'batch' | 'row' | a class id to map the forgotten classes onto", r)
+        e = opts["ema"]
+        if not (e in ("auto", None) or (isinstance(e, float) and 0.0 < e < 1.0)):
+            raise bad_value("ema", "'auto' (0.99 on pixel models as the official DDPM code, off on text models), "
+                            "None (off) or a decay in (0, 1)", e)
         check_params(opts["params"])
         if opts["params"] is None:
             raise bad_value("params", " | ".join(PARAM_SUBSETS), None)
@@ -206,12 +211,62 @@ class EraseDiff(Method):
                 raise bad_value("forget", "fewer classes than the model has ('relabel' maps them onto the others)",
                                 self.forgotten)
             fixed = o["relabel"] if isinstance(o["relabel"], int) else getattr(run.forget_target, "override", None)
+            if fixed is None and o["relabel"] == "auto":
+                fixed = self._farthest_class(others)
             if fixed is not None:
                 if fixed not in others:
                     raise bad_value("relabel", f"a class id in [0, {run.denoiser.num_classes}) that is not being "
                                     "forgotten", fixed)
                 others = [fixed]
             self.others = torch.tensor(others, dtype=torch.long)
+        self.ema = None
+        decay = o["ema"] if o["ema"] != "auto" else (None if self.kind == "text" else self.OFFICIAL_EMA)
+        if decay is not None:
+            self.ema_decay = float(decay)
+            self.ema = [p.detach().clone() for p in self.trainable_parameters()]
+
+    @torch.no_grad()
+    def _farthest_class(self, others, n_rows: int = 64, draws: int = 4) -> int:
+        """``relabel="auto"``: the kept class whose predictions on the noised forget images differ most from
+        the forgotten label's, c̃ = argmax_k E ‖ε(x_t, t, k) − ε(x_t, t, c_f)‖² (t ~ U{0..T−1}, Gaussian ε,
+        ``draws`` × ``n_rows`` forget rows, a generator seeded from the run's seed). Training drives
+        ε_θ(·, c_f) towards ε(·, c̃), so the forgotten label ends up drawing c̃; the class farthest from c_f
+        in the model's own score space leaves the least of c_f's modes in that target."""
+        run = self.run
+        gen = torch.Generator().manual_seed(self._data_seed + 2)
+        dist = torch.zeros(len(others), dtype=torch.float64)
+        for _ in range(draws):
+            batch = run.forget_batch(gen, min(n_rows, len(run.forget[0])))
+            t = torch.randint(0, run.num_train_timesteps, (batch.x0.shape[0],), generator=gen)
+            noise = torch.randn(batch.x0.shape, generator=gen)
+            gamma, sigma = run.gamma_sigma(t)
+            x0, c_f, t, noise = run.to_device(batch.x0, batch.cond, t, noise)
+            x_t = (run.bview(gamma.to(run.device), x0) * x0 + run.bview(sigma.to(run.device), x0) * noise)
+            x_t = x_t.to(run.dtype)
+            n = x_t.shape[0]
+            labels = torch.tensor(others, device=run.device).repeat_interleave(n)
+            eps = self._eps_base(torch.cat([x_t] * (len(others) + 1)), t.repeat(len(others) + 1),
+                                 torch.cat([labels, c_f]))
+            ref = eps[-n:].float()
+            dist += ((eps[:-n].float().view(len(others), n, -1) - ref.view(1, n, -1)) ** 2).mean((1, 2)).double().cpu()
+        self.relabel_distances = {int(k): float(d / draws) for k, d in zip(others, dist)}
+        return int(others[int(torch.argmax(dist))])
+
+    def _eps_base(self, x, t, cond):
+        """ε of the model at setup (no update yet), in eval mode."""
+        run = self.run
+        was_training = run.model.training
+        run.model.eval()
+        try:
+            return run.denoiser(x, t, cond)
+        finally:
+            run.model.train(was_training)
+
+    @torch.no_grad()
+    def _update_ema(self):
+        """ema ← μ·ema + (1 − μ)·θ after each optimizer step (the official DDPM code's EMAHelper)."""
+        params = self.trainable_parameters()
+        torch._foreach_lerp_(self.ema, [p.detach() for p in params], 1.0 - self.ema_decay)
 
     def _setup_retain(self, retain):
         run, o = self.run, self.opts
@@ -313,6 +368,8 @@ class EraseDiff(Method):
 
     def step(self, step, gen):
         o = self.opts
+        if self.ema is not None and step > 0:  # the loop applied step − 1's update: fold it into the EMA
+            self._update_ema()
         loss_r, loss_f = self.losses(self.draw(gen))
         params = self.trainable_parameters()
         if o["lambda_rule"] == "fixed":
@@ -337,6 +394,26 @@ class EraseDiff(Method):
         return {"loss": loss_r.item() + lam * loss_f.item(), "loss_r": loss_r.item(), "loss_f": loss_f.item(),
                 "lambd": lam, **stats}
 
+    # The EMA copy travels with checkpoints, so a resumed run ends with the same EMA weights.
+    def state_dict(self):
+        return {"ema": list(self.ema)} if self.ema is not None else {}
+
+    def load_state_dict(self, state):
+        if state and self.ema is not None:
+            for e, v in zip(self.ema, state["ema"]):
+                e.copy_(v)
+
     def finish(self, result):
+        """With the EMA on, the result is the EMA copy (the official code samples and saves it)."""
         result.extras["forget_target"] = self.forget_target
         result.extras["params"] = self.opts["params"]
+        if getattr(self, "others", None) is not None and len(self.others) == 1:
+            result.extras["relabel"] = int(self.others[0])
+            if hasattr(self, "relabel_distances"):
+                result.extras["relabel_distances"] = self.relabel_distances
+        result.extras["ema"] = self.ema_decay if self.ema is not None else None
+        if self.ema is not None:
+            self._update_ema()  # the last optimizer step
+            with torch.no_grad():
+                for p, e in zip(self.trainable_parameters(), self.ema):
+                    p.copy_(e)
