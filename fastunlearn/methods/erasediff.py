@@ -14,8 +14,9 @@ and ``"uniform"`` on unconditional ones (the only target they allow):
   ε. For classes c̃ is a random class that is not being forgotten: ONE class for the whole batch as in the
   official code (``randint(1, 10, (1,))``), or one per row with ``relabel="row"`` (a lower-variance
   estimate of the same expectation). For concepts c̃ is the anchor prompt (``Concept(..., anchor=...)``;
-  the empty prompt when none is given), as the SD scripts map nudity onto "a photo of a person wearing
-  clothes"-like anchors. On a text model with ``DataPoints`` to forget, c̃ is the empty prompt.
+  the empty prompt when none is given), as the SD scripts map the forget captions (nudity, naked, …) onto
+  the fixed anchor "a photo of a pokemon" (§4.4; "a photo of a person wearing clothes" is their retain prompt,
+  not the anchor). On a text model with ``DataPoints`` to forget, c̃ is the empty prompt.
 * ``"uniform"`` (the paper's v1 / ICLR'25 version, Eq. (2)): ε_f ~ U[0, 1)^D both noises the input and is
   the target. This is the only choice for unconditional models (there is no other label to map onto).
 
@@ -57,7 +58,8 @@ generated likewise). With ``forget=fu.Classes`` the retain rows of the forgotten
 (D_r is "the data minus the forgotten classes", §4.3).
 
 Parameter subsets: ``params`` as for ESD (§4.4 uses the same switch): ``"full"`` (default, DDPM code),
-``"esd-u"`` (the SD scripts' ``noxattn``), ``"esd-x"``, ``"esd-x-strict"``.
+``"esd-u"`` (every parameter outside ``attn2``; the SD scripts' ``noxattn`` also freezes ``out.`` and
+``time_embed``), ``"esd-x"``, ``"esd-x-strict"``.
 
 Relabel class. ``relabel="batch"`` (default) draws ONE random non-forgotten class per step, as the DDPM
 code; ``"row"`` one per row; an int maps the forgotten classes onto that one fixed class, as the SD scripts

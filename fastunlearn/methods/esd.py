@@ -5,9 +5,13 @@ Objective (§6.1), with θ* the frozen base and θ the trained copy (a parameter
     target = ε_θ*(x_t, t, c_from) − η · (ε_θ*(x_t, t, c) − ε_θ*(x_t, t, ∅))       (c_from = c unless erase_from)
     L_ESD  = MEAN ( ε_θ(x_t, t, c_from) − target )²                                 (``ops.esd_loss``)
 
-x_t comes from DDIM-sampling the frozen base (the current official code; the original CompVis script
-sampled with the model being trained) under c_from with classifier-free guidance w = ``start_guidance``
-(3) for k of ``ddim_steps`` (50) steps, k ~ U{0..49}, and t = timesteps[k] (§6.1, new code L127-141).
+x_t comes from sampling the frozen base (the current official code; the original CompVis script sampled
+with the model being trained) under c_from with classifier-free guidance w = ``start_guidance`` (3) for k of
+``ddim_steps`` (50) steps, k ~ U{0..49}, and t = timesteps[k] (§6.1, new code L127-141). The sampler here is
+DDIM (η = 0) built from the model's scheduler config; the current official script samples with the
+pipeline's own default scheduler (PNDM for SD-1.4), so its x_t follow that sampler's trajectories. Both give
+states of the guided model at the same timesteps; DDIM is used because it is deterministic per x_T and the
+same for every model this library loads (which the trajectory pool relies on).
 
 What the user passes and what c and ∅ are:
 
@@ -39,8 +43,10 @@ mean on a model that has a null class too.
 
 Parameter subsets (``params``, §6.2): ``"esd-x"`` cross-attention ``attn2`` only (styles; the default for
 models that have cross-attention, as in the current official script), ``"esd-x-strict"`` only
-``attn2.to_k``/``to_v``, ``"esd-u"`` everything but ``attn2`` (the current code's ``noxattn``; the old code
-also froze ``out.`` and ``time_embed``), ``"full"`` everything. With ``lora_rank`` the subset selects which
+``attn2.to_k``/``to_v``, ``"esd-u"`` every parameter outside ``attn2`` (close to the official ``noxattn``, not
+the same set: the current official script trains only the weights of Linear/Conv2d modules outside ``attn2``,
+so norm affine weights and embeddings stay frozen there, and the old code also froze ``out.`` and
+``time_embed``), ``"full"`` everything. With ``lora_rank`` the subset selects which
 LoRA adapters train.
 
 Class-conditional UNets have no cross-attention (``esd-x`` would train nothing and is refused). There the

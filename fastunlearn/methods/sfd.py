@@ -43,7 +43,9 @@ Options and their official origin (DDPM configs §5.5 unless noted):
   ``pseudo_label_type: "rand"`` path, §5.3). Concepts use ``Concept.anchor`` ("" when None).
 * ``t_init``, ``t_min``, ``t_max``: None picks the timesteps whose noise level s_t = σ_t/γ_t matches the
   official 440, 38, 712 on the linear schedule (s = 2.50, 0.137, 13.1); on SD's scaled-linear schedule this
-  gives the SD script's 625, 20, 980 (§1, §5.4).
+  gives 625, 20 and 981, against the SD script's 625, 20, 980 (§1, §5.4): the noise-level match of 712 lands
+  one timestep above the script's t_max (an exclusive bound; 981 also admits t = 980). Pass ``t_max=980`` to
+  reproduce the SD script exactly.
 * ``sg_remain_coef``, ``sg_forget_coef``, ``g_remain_coef``, ``g_forget_coef``: λ_r^ψ, λ_f^ψ, λ_r^G, λ_f^G.
   The DDPM configs use 1 / 0.01 / 1 / 0.01 over 50 000 iterations; the SD script uses 1.0 for all four.
   The defaults here are the SD script's 1.0: with the few hundred steps that suit a CPU, 0.01 leaves the
