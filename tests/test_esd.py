@@ -242,3 +242,32 @@ def test_esd_forgets_one_digit_and_keeps_the_rest(digits_rates_before):
     assert s["forget_rate_before"] >= 0.75, s
     assert s["forget_rate_after"] <= 0.02, s
     assert s["retain_ratio_mean"] >= 0.95, s
+
+
+@pytest.mark.slow
+def test_esd_forgets_a_digit_on_the_model_with_its_null_class_hidden():
+    """The bundled model as a plain ``UNet2DModel(num_class_embeds=10)`` (no null class, as most class models are
+    trained): the default ε(x_t, ∅), the mean over the 10 classes, forgets digit 3 and keeps the others, as the
+    real null class does (README: 95% → 0% with both, other digits kept 100%)."""
+    import importlib.util
+    from pathlib import Path
+
+    from fastunlearn.metrics import recognition_rates, summarize_classes
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "method_checks.py"
+    spec = importlib.util.spec_from_file_location("method_checks", path)
+    checks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checks)
+    unet, sched = fu.zoo.digits()
+    plain = checks.without_null_class(unet)
+    assert plain.config.num_class_embeds == 10 and fu.models.Denoiser(plain).null_class is None
+    before = recognition_rates(plain, sched, range(10), n_per_class=100, seed=0)
+    res = fu.erase(plain, forget=fu.Classes([3]), method="esd", scheduler=sched, progress=False)
+    assert res.extras["null"] == "mean of the model's predictions over its 10 classes"
+    after = recognition_rates(res.model, sched, range(10), n_per_class=100, seed=0)
+    s = summarize_classes(before, after, [3])
+    print(f"esd, null hidden: {s['forget_rate_before']:.2f} -> {s['forget_rate_after']:.2f}, kept "
+          f"{s['retain_ratio_mean']:.3f} (min {s['retain_ratio_min']:.3f})")
+    assert s["forget_rate_before"] >= 0.75, s
+    assert s["forget_rate_after"] <= 0.02, s
+    assert s["retain_ratio_mean"] >= 0.95 and s["retain_ratio_min"] >= 0.95, s
