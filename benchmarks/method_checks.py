@@ -97,7 +97,7 @@ def erasediff_sweep(digits=range(10), **options):
 
 def erasediff_ema(digit=3):
     rows = []
-    for ema in (None, 0.99):
+    for ema in (None, "official"):
         rows += erasediff_sweep([digit], ema=ema)
     return rows
 

@@ -144,8 +144,8 @@ def test_ema_copy_is_what_the_result_holds(tiny, digits_split):
     for p, e, raw in zip(params, ema, last):
         torch.testing.assert_close(p.detach(), e, rtol=1e-6, atol=1e-7)
     assert any(not torch.allclose(e, raw) for e, raw in zip(ema, last))
-    assert _method(_run(tiny, forget, retain)).ema_decay == 0.99  # "auto" on a pixel model: the official 0.99
-    assert _method(_run(tiny, forget, retain), ema=None).ema is None
+    assert _method(_run(tiny, forget, retain), ema="official").ema_decay == 0.99  # the DDPM code's rate
+    assert _method(_run(tiny, forget, retain)).ema is None  # off by default (module docstring)
 
 
 def test_adaptive_and_bome_rules_by_hand():

@@ -61,12 +61,28 @@ Parameter subsets: ``params`` as for ESD (§4.4 uses the same switch): ``"full"`
 ``"esd-u"`` (every parameter outside ``attn2``; the SD scripts' ``noxattn`` also freezes ``out.`` and
 ``time_embed``), ``"esd-x"``, ``"esd-x-strict"``.
 
-Relabel class. ``relabel="batch"`` (default) draws ONE random non-forgotten class per step, as the DDPM
-code; ``"row"`` one per row; an int maps the forgotten classes onto that one fixed class, as the SD scripts
-map a concept onto one fixed anchor prompt (``fu.Classes(..., override=k)`` sets it too). On the bundled
-digits model the random class plateaus at 5-8% of digit-3 samples still recognised as 3 after 100-300
-steps: its fixed point, the mean of the other classes' predictions, itself draws 9% threes from the base
-model (100 samples, seed 0). A fixed class (``relabel=0``) takes it to 0-1% in 100 steps.
+Relabel class. ``relabel="auto"`` (default) maps the forgotten classes onto ONE kept class chosen from the
+model before training: the class farthest from the forgotten label in the model's own score space,
+c̃ = argmax_k E‖ε(x_t, t, k) − ε(x_t, t, c_f)‖² over noised forget images (t uniform, 4 × 64 rows, one
+forward per class). Why a fixed class, and why that one: training drives ε_θ(·, c_f) to ε(·, c̃), so the
+forgotten label ends up drawing what c̃'s prediction draws on c_f's inputs. The official random class per
+batch (``relabel="batch"``, the DDPM code's ``randint``) has as its fixed point the *mean* of the other
+classes' predictions, which on the bundled digits model itself draws 9% threes (100 samples, seed 0): it
+plateaus at 5-8% of digit-3 samples still recognised as 3 after 100-300 steps. One fixed class has no such
+floor (``relabel=0``: 0-1% in 100 steps), and the farthest one keeps the least of c_f's modes in the target
+(a look-alike class, e.g. 5 or 8 for a 3, would leave more). ``Result.extras`` records the chosen class and
+every class's distance. ``"batch"`` (official) and ``"row"`` (one random class per row) stay available; an
+int maps onto that class, as the SD scripts map a concept onto one fixed anchor prompt
+(``fu.Classes(..., override=k)`` sets it too). Measured with the defaults on every digit of the bundled
+model: see the README's EraseDiff notes (``benchmarks/method_checks.py erasediff-sweep``).
+
+EMA (``ema``). The official DDPM code keeps an EMA of the weights (μ = 0.99, updated after every outer
+step, starting from the input weights) and samples and saves that copy; the SD scripts keep none.
+``ema=0.99`` (or ``"official"``: 0.99 on pixel models, off on text models) does the same here: the result
+is the EMA copy, which travels with checkpoints. It is off by default because at this library's step
+counts it undoes the forgetting: after the default 150 steps the EMA still holds 0.99^150 = 22% of the
+input weights and lags the trained weights by ~100 steps; on digit 3 of the bundled model the EMA copy
+still draws 62% threes where the trained weights draw 1% (the official run takes 288 outer steps).
 
 The uniform target barely forgets a class there (69% still recognised after 150 steps): its noised inputs
 (mean 0.5) are never visited when sampling from Gaussian noise.
@@ -76,7 +92,7 @@ needs no teacher; the images generated for ``fu.Classes`` / ``fu.Concept`` / pro
 model at setup (before any update), or, with ``lora_rank``, from the same model with its adapters off.
 
 Defaults, tuned on the bundled digits model (forget digit 3's 183 images, retain the other 1,614, with
-``relabel=0``): Adam (official), batch 32 per set, 150 steps, lr 5e-5, λ = 0.1 (the DDPM value), η 0.1, clip
+``relabel=0``, the class ``"auto"`` picks there): Adam (official), batch 32 per set, 150 steps, lr 5e-5, λ = 0.1 (the DDPM value), η 0.1, clip
 1.0 (DDPM). Measured (100 samples per digit), λ at 150 steps of lr 5e-5: 0.1: 1% threes, the other digits keep
 100.5% of their rate on average, the worst 97.8%; 1.0 (the SD shell scripts' value): 1%, 97.0%, worst 91.4%
 (digit 0, the relabel target); with ``relabel=8``, λ 0.1 … 1.0 all reach 0-1% while the worst digit goes from
@@ -130,7 +146,7 @@ class EraseDiff(Method):
     defaults = dict(steps=150, batch_size=32, lr=5e-5, optimizer="adam", betas=(0.9, 0.999), weight_decay=0.0)
     options = dict(forget_target=None, lambd=0.1, lambda_rule="fixed", eta_bome=0.1, antithetic_t=True,
                    relabel="auto", params="full", max_grad_norm=1.0, n_generate=256, generate_steps=50,
-                   generate_guidance=None, ema="auto")
+                   generate_guidance=None, ema=None)
     OFFICIAL_EMA = 0.99  # cifar10_erasediff.yml (DDPM code); the SD scripts keep no EMA (§4.2, §4.4)
 
     @classmethod
@@ -146,9 +162,9 @@ class EraseDiff(Method):
         if not (r in ("auto", "batch", "row") or (isinstance(r, int) and not isinstance(r, bool) and r >= 0)):
             raise bad_value("relabel", "'auto' | 'batch' | 'row' | a class id to map the forgotten classes onto", r)
         e = opts["ema"]
-        if not (e in ("auto", None) or (isinstance(e, float) and 0.0 < e < 1.0)):
-            raise bad_value("ema", "'auto' (0.99 on pixel models as the official DDPM code, off on text models), "
-                            "None (off) or a decay in (0, 1)", e)
+        if not (e in ("official", None) or (isinstance(e, float) and 0.0 < e < 1.0)):
+            raise bad_value("ema", "None (off, the default), 'official' (0.99 on pixel models as the DDPM code, off "
+                            "on text models as the SD scripts) or a decay in (0, 1)", e)
         check_params(opts["params"])
         if opts["params"] is None:
             raise bad_value("params", " | ".join(PARAM_SUBSETS), None)
@@ -222,7 +238,7 @@ class EraseDiff(Method):
                 others = [fixed]
             self.others = torch.tensor(others, dtype=torch.long)
         self.ema = None
-        decay = o["ema"] if o["ema"] != "auto" else (None if self.kind == "text" else self.OFFICIAL_EMA)
+        decay = o["ema"] if o["ema"] != "official" else (None if self.kind == "text" else self.OFFICIAL_EMA)
         if decay is not None:
             self.ema_decay = float(decay)
             self.ema = [p.detach().clone() for p in self.trainable_parameters()]
