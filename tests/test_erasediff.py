@@ -148,6 +148,32 @@ def test_ema_copy_is_what_the_result_holds(tiny, digits_split):
     assert _method(_run(tiny, forget, retain)).ema is None  # off by default (module docstring)
 
 
+def test_ema_resumes_exactly(tiny, digits_split, tmp_path, monkeypatch):
+    """The EMA copy travels with the checkpoint: crash after step 2, resume, same weights as one run."""
+    from fastunlearn.methods import REGISTRY
+
+    forget, retain = digits_split
+    unet, sched = tiny
+    kw = dict(forget=forget, retain=retain, method="erasediff", scheduler=sched, steps=5, batch_size=2, ema=0.5,
+              progress=False)
+    reference = fu.erase(unet, **kw)
+    original = REGISTRY["erasediff"].step
+
+    def crashing(self, step, gen):
+        if step == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, step, gen)
+
+    monkeypatch.setattr(REGISTRY["erasediff"], "step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        fu.erase(unet, output_dir=tmp_path, checkpoint_every=2, **kw)
+    monkeypatch.setattr(REGISTRY["erasediff"], "step", original)
+    resumed = fu.erase(unet, output_dir=tmp_path, resume=True, **kw)
+    assert resumed.meta["resumed_from_step"] == 2
+    ref, got = reference.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
 def test_adaptive_and_bome_rules_by_hand():
     # g_r = (3, 4), g_f = (4, 3): ‖g_r‖² = ‖g_f‖² = 25, ⟨g_r, g_f⟩ = 24, cos = 0.96
     assert adaptive_lambda(25.0, 25.0, 24.0, 0.1) == 0.0  # 0.1 − 0.96 < 0
