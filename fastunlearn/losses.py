@@ -59,9 +59,11 @@ def siss_weights(delta: torch.Tensor, lambd: float) -> tuple[torch.Tensor, torch
 
 def siss_mixture(x: torch.Tensor, a: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor,
                  gamma: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """m = γ·(mask ? x : a) + σ ε: the keep component where ``mask`` is True (§2.2)."""
-    clean = torch.where(_bview(mask, x), x, a)
-    return _bview(gamma, x).to(x.dtype) * clean + _bview(sigma, x).to(x.dtype) * noise
+    """m = γ·(mask ? x : a) + σ ε: the keep component where ``mask`` is True (§2.2). Computed in fp32 and
+    rounded once to the input dtype (the network's input)."""
+    clean = torch.where(_bview(mask, x), x, a).float()
+    m = _bview(gamma.float(), x) * clean + _bview(sigma.float(), x) * noise.float()
+    return m.to(x.dtype)
 
 
 def siss_loss(pred: torch.Tensor, x: torch.Tensor, a: torch.Tensor, noise: torch.Tensor,
@@ -71,14 +73,28 @@ def siss_loss(pred: torch.Tensor, x: torch.Tensor, a: torch.Tensor, noise: torch
         ε_x = (m − γx)/σ,  ε_a = (m − γa)/σ
         ℓ_x = (1/B) Σ_b w_x[b] Σ_d (ε̂ − ε_x)²,   ℓ_a = (1/B) Σ_b w_a[b] Σ_d (ε̂ − ε_a)²
 
-    The weights are computed without gradient. Returns ``(loss_x, loss_a, w_x, w_a)``."""
+    The weights are computed without gradient. Returns ``(loss_x, loss_a, w_x, w_a)``.
+
+    This is the oracle, so it is the most accurate path: every quantity is fp32 whatever the input dtype
+    (γ, σ and the mixture are never rounded to bf16/fp16), and m is substituted so that nothing of size
+    O(γ/σ) is subtracted (§2.7): with d = x − a,
+
+        ε_x = ε + [¬mask](γ/σ)(a − x),   ε_a = ε + [mask](γ/σ)(x − a),
+        Δ = (γ/(2σ²)) Σ_d d (∓γ d − 2σε)     (− when the row was drawn from x, + from a).
+
+    ``siss_loss_float64_direct`` is the independent float64 check of these identities."""
     B = pred.shape[0]
     with torch.no_grad():
-        m = siss_mixture(x, a, noise, mask, gamma, sigma).float()
-        w_x, w_a = siss_weights(siss_delta(x, a, m, gamma, sigma), lambd)
-        g, s = _bview(gamma.float(), x), _bview(sigma.float(), x)
-        eps_x = (m - g * x.float()) / s
-        eps_a = (m - g * a.float()) / s
+        x32, a32, e32 = x.float(), a.float(), noise.float()
+        g, s = _bview(gamma.float(), x32), _bview(sigma.float(), x32)
+        from_x = _bview(mask, x32)
+        d = x32 - a32
+        delta = gamma.float() * sum_dims(d * (torch.where(from_x, -g, g) * d - 2.0 * s * e32)) / (
+            2.0 * sigma.float() ** 2)
+        w_x, w_a = siss_weights(delta, lambd)
+        r = g / s
+        eps_x = e32 - torch.where(from_x, torch.zeros_like(r), r) * d
+        eps_a = e32 + torch.where(from_x, r, torch.zeros_like(r)) * d
     p = pred.float()
     loss_x = (w_x * sum_dims((p - eps_x) ** 2)).sum() / B
     loss_a = (w_a * sum_dims((p - eps_a) ** 2)).sum() / B

@@ -123,15 +123,59 @@ def test_esd_x_on_a_model_without_cross_attention_is_refused(tiny):
         fu.erase(unet, forget=fu.Classes([3]), method="esd", scheduler=sched, params="esd-x", progress=False)
 
 
-def test_model_without_null_class_needs_an_explicit_one(make_tiny_unet):
+def test_model_without_null_class_uses_the_class_mean_and_says_so(make_tiny_unet, caplog):
+    """No null class: ε(x_t, ∅) defaults to the mean of the frozen model's predictions over the K classes,
+    stated in the log and the result; ``null_class=<id>`` stays the override."""
+    import logging
+
     from fastunlearn.models import digits_scheduler
 
     unet, sched = make_tiny_unet(null=False), digits_scheduler()
-    with pytest.raises(InvalidArgumentError, match="^null_class"):
-        fu.erase(unet, forget=fu.Classes([3]), method="esd", scheduler=sched, steps=1, progress=False)
+    with caplog.at_level(logging.INFO, logger="fastunlearn.methods.esd"):
+        res = fu.erase(unet, forget=fu.Classes([3]), method="esd", scheduler=sched, steps=2, batch_size=2,
+                       ddim_steps=4, progress=False)
+    assert "mean of the model's predictions over its 10 classes" in res.extras["null"]
+    assert any("no null class" in r.getMessage() for r in caplog.records)
+    assert len(res.history) == 2 and res.extras["params"] == "class-embedding"
+    # (1 + 10) rows per sampling row: one pool of 4·B = 8 trajectories × 3 DDIM steps
+    assert res.extras["unet_evals"]["sampling_rows"] == 11 * 8 * 3
     res = fu.erase(unet, forget=fu.Classes([3]), method="esd", scheduler=sched, steps=2, batch_size=2,
                    null_class=9, ddim_steps=4, progress=False)
-    assert len(res.history) == 2 and res.extras["params"] == "class-embedding"
+    assert res.extras["null"] == "class 9 as a stand-in for the null class"
+
+
+def test_class_mean_null_is_the_mean_over_classes(make_tiny_unet):
+    from fastunlearn.methods.esd import NULL_MEAN, ClassMeanNull
+
+    unet = make_tiny_unet(null=False).eval()
+    eps = lambda x, t, c: unet(x, t, class_labels=c).sample  # noqa: E731
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([900, 500, 20])
+    cond = torch.tensor([NULL_MEAN, 4, NULL_MEAN])
+    with torch.no_grad():
+        got = ClassMeanNull(eps, 10)(x, t, cond)
+        for i in (0, 2):
+            ref = torch.stack([eps(x[i:i + 1], t[i:i + 1], torch.tensor([k])) for k in range(10)]).mean(0)[0]
+            torch.testing.assert_close(got[i], ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[1], eps(x[1:2], t[1:2], torch.tensor([4]))[0], rtol=1e-4, atol=1e-5)
+
+
+def test_the_class_mean_step_matches_the_formula(make_tiny_unet):
+    """The loss with the class mean as ∅ against the plain formula: target = ε_c − η(ε_c − mean_k ε_k)."""
+    from fastunlearn.models import digits_scheduler
+
+    unet = make_tiny_unet(null=False)
+    run = Run(unet, digits_scheduler(), forget=None, retain=None, forget_target=fu.Classes([3]),
+              retain_target=None, batch_size=3, seed=0)
+    m = _method(run, negative_guidance=4.0, params="full")
+    x_t, t, ci = m.draw(0, step_generator(0, 0))
+    frozen = copy.deepcopy(unet).requires_grad_(False)
+    c = torch.full((3,), 3)
+    with torch.no_grad():
+        e_c = frozen(x_t, t, class_labels=c).sample
+        e_null = torch.stack([frozen(x_t, t, class_labels=torch.full((3,), k)).sample for k in range(10)]).mean(0)
+    loss = ((unet(x_t, t, class_labels=c).sample - (e_c - 4.0 * (e_c - e_null))) ** 2).mean()
+    got = m.loss(x_t, t, ci)
+    assert got.item() == pytest.approx(loss.item(), rel=1e-4)
 
 
 @pytest.mark.parametrize("opts,name", [
@@ -141,6 +185,7 @@ def test_model_without_null_class_needs_an_explicit_one(make_tiny_unet):
     (dict(pool_size=0), "pool_size"),
     (dict(ddim_steps=0), "ddim_steps"),
     (dict(erase_from="a cat"), "erase_from"),
+    (dict(null_class="median"), "null_class"),
 ])
 def test_bad_options_name_the_option(tiny, opts, name):
     unet, sched = tiny
@@ -197,3 +242,32 @@ def test_esd_forgets_one_digit_and_keeps_the_rest(digits_rates_before):
     assert s["forget_rate_before"] >= 0.75, s
     assert s["forget_rate_after"] <= 0.02, s
     assert s["retain_ratio_mean"] >= 0.95, s
+
+
+@pytest.mark.slow
+def test_esd_forgets_a_digit_on_the_model_with_its_null_class_hidden():
+    """The bundled model as a plain ``UNet2DModel(num_class_embeds=10)`` (no null class, as most class models are
+    trained): the default ε(x_t, ∅), the mean over the 10 classes, forgets digit 3 and keeps the others, as the
+    real null class does (README: 95% → 0% with both, other digits kept 100%)."""
+    import importlib.util
+    from pathlib import Path
+
+    from fastunlearn.metrics import recognition_rates, summarize_classes
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "method_checks.py"
+    spec = importlib.util.spec_from_file_location("method_checks", path)
+    checks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checks)
+    unet, sched = fu.zoo.digits()
+    plain = checks.without_null_class(unet)
+    assert plain.config.num_class_embeds == 10 and fu.models.Denoiser(plain).null_class is None
+    before = recognition_rates(plain, sched, range(10), n_per_class=100, seed=0)
+    res = fu.erase(plain, forget=fu.Classes([3]), method="esd", scheduler=sched, progress=False)
+    assert res.extras["null"] == "mean of the model's predictions over its 10 classes"
+    after = recognition_rates(res.model, sched, range(10), n_per_class=100, seed=0)
+    s = summarize_classes(before, after, [3])
+    print(f"esd, null hidden: {s['forget_rate_before']:.2f} -> {s['forget_rate_after']:.2f}, kept "
+          f"{s['retain_ratio_mean']:.3f} (min {s['retain_ratio_min']:.3f})")
+    assert s["forget_rate_before"] >= 0.75, s
+    assert s["forget_rate_after"] <= 0.02, s
+    assert s["retain_ratio_mean"] >= 0.95 and s["retain_ratio_min"] >= 0.95, s

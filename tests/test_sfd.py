@@ -200,6 +200,49 @@ def test_fake_score_and_generator_steps_change_only_their_own_parameters(tiny):
     assert any(_changed(theta, th0)) and not any(_changed(psi, ps1)) and not any(_changed(teacher, t0))
 
 
+def test_a_nan_row_in_the_fake_score_step_keeps_the_other_rows_gradient(tiny):
+    """One generator sample planted NaN: ψ's gradient is finite and equals the gradient of the same loss with
+    that row dropped (the mean still over the full row count), not a gradient zeroed whole (§5.9)."""
+    run = _run(tiny[0], B=4)
+    m = _method(run)
+    gen = step_generator(0, 0)
+    coefs = m.coefficients(0)
+    labels = m.draw_labels(gen, coefs)
+    d = m.draw(gen, labels.gen.numel())
+    clean = m.generate
+    bad = 1  # a remain row
+
+    def planted(z, cond, train=False):
+        x_g = clean(z, cond, train=train).clone()
+        x_g[bad] = float("nan")
+        return x_g
+
+    m.generate = planted
+    loss, loss_r, loss_f = m.fake_score_loss(labels, d, coefs)
+    got = torch.autograd.grad(loss, m.roles.psi, allow_unused=True)
+    assert torch.isfinite(loss) and all(g is None or torch.isfinite(g).all() for g in got)
+
+    m.generate = clean  # reference: the clean batch, the planted row left out of the sums
+    with torch.no_grad():
+        x_g = clean(d.z, m.cond(labels.gen))
+    x_t, t, e, _, _ = m.noised(x_g, d)
+    eps_psi = m.roles.eps("fake", x_t, t, m.cond(labels.gen), train=True)
+    per = ((eps_psi - e) ** 2).flatten(1).sum(1)
+    n_r, keep = labels.n_remain, torch.ones(per.numel(), dtype=torch.bool)
+    keep[bad] = False
+    ref_loss = (coefs["sg_remain_coef"] * per[:n_r][keep[:n_r]].sum() / n_r
+                + coefs["sg_forget_coef"] * per[n_r:].sum() / (per.numel() - n_r))
+    ref = torch.autograd.grad(ref_loss, m.roles.psi, allow_unused=True)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    scale = max(r.abs().max() for r in ref if r is not None)
+    assert scale > 0
+    for g_, r in zip(got, ref):
+        if r is None:
+            assert g_ is None or not g_.any()
+        else:
+            torch.testing.assert_close(g_, r, rtol=1e-4, atol=1e-6 * scale)
+
+
 def test_fake_score_step_alone_leaves_generator_untouched(tiny):
     run = _run(tiny[0])
     m = _method(run)

@@ -5,9 +5,13 @@ Objective (§6.1), with θ* the frozen base and θ the trained copy (a parameter
     target = ε_θ*(x_t, t, c_from) − η · (ε_θ*(x_t, t, c) − ε_θ*(x_t, t, ∅))       (c_from = c unless erase_from)
     L_ESD  = MEAN ( ε_θ(x_t, t, c_from) − target )²                                 (``ops.esd_loss``)
 
-x_t comes from DDIM-sampling the frozen base (the current official code; the original CompVis script
-sampled with the model being trained) under c_from with classifier-free guidance w = ``start_guidance``
-(3) for k of ``ddim_steps`` (50) steps, k ~ U{0..49}, and t = timesteps[k] (§6.1, new code L127-141).
+x_t comes from sampling the frozen base (the current official code; the original CompVis script sampled
+with the model being trained) under c_from with classifier-free guidance w = ``start_guidance`` (3) for k of
+``ddim_steps`` (50) steps, k ~ U{0..49}, and t = timesteps[k] (§6.1, new code L127-141). The sampler here is
+DDIM (η = 0) built from the model's scheduler config; the current official script samples with the
+pipeline's own default scheduler (PNDM for SD-1.4), so its x_t follow that sampler's trajectories. Both give
+states of the guided model at the same timesteps; DDIM is used because it is deterministic per x_T and the
+same for every model this library loads (which the trajectory pool relies on).
 
 What the user passes and what c and ∅ are:
 
@@ -15,14 +19,34 @@ What the user passes and what c and ∅ are:
   prompt's (SD's unconditional branch). ``erase_from="..."`` sets c_from (§6.1 ``--erase_from``).
 * ``fu.Classes([k, ...])`` on a class-conditional UNet (no data needed): c is the class label (one of the
   ids per row), ∅ the model's null class (``Denoiser.null_class``: the id it was trained on with label
-  dropout, 10 on the bundled digits model). A model that declares no null class has no unconditional
-  branch, so ESD cannot form ε(x_t, ∅): pass ``null_class=<id>`` explicitly or get a clear error. (Any
-  other id given there is only a stand-in for ∅: ESD then pushes class k away from that class.)
+  dropout, 10 on the bundled digits model).
+
+Models without a null class. Most class-conditional models are trained without label dropout (a plain
+``UNet2DModel(num_class_embeds=K)``), so they have no unconditional branch. There ε(x_t, ∅) defaults to the
+mean of the frozen model's predictions over all K classes, ``null_class="mean"``:
+
+    ε(x_t, ∅) := (1/K) Σ_k ε_θ*(x_t, t, k)
+
+Why this estimate: the unconditional score is the posterior-weighted mixture of the class scores,
+∇log p(x_t) = Σ_k p(k | x_t) ∇log p(x_t | k), so ε(x_t, ∅) = Σ_k p(k | x_t) ε(x_t, t, k) exactly. The
+posterior p(k | x_t) is not available without a classifier on noisy inputs, and it tends to the class prior as
+the noise grows; with the uniform prior of class-balanced training that gives the class mean, which is then the
+exact marginal score at high noise, where ESD's negative guidance does most of its work (it steers what the
+sample becomes, not its fine detail). At low noise the mean is a smoothed ∅ (the true posterior concentrates
+on one class); that only rescales the guidance direction ε(c) − ∅ at steps where it is small anyway. It needs
+no data and no extra model, costs K rows per ∅ evaluation (batched in one forward), and is what the run log
+(logger ``fastunlearn.methods.esd``) and ``Result.extras["null"]`` state. Measured on the bundled digits model
+with its null class hidden (a plain ``num_class_embeds=10`` copy; ``benchmarks/esd_null_mean.py``, README):
+see the README's ESD section. ``null_class=<id>`` stays the override: the model's own ∅ when it has one, or any
+class id as a stand-in (ESD then pushes class k away from that class), and ``null_class="mean"`` forces the
+mean on a model that has a null class too.
 
 Parameter subsets (``params``, §6.2): ``"esd-x"`` cross-attention ``attn2`` only (styles; the default for
 models that have cross-attention, as in the current official script), ``"esd-x-strict"`` only
-``attn2.to_k``/``to_v``, ``"esd-u"`` everything but ``attn2`` (the current code's ``noxattn``; the old code
-also froze ``out.`` and ``time_embed``), ``"full"`` everything. With ``lora_rank`` the subset selects which
+``attn2.to_k``/``to_v``, ``"esd-u"`` every parameter outside ``attn2`` (close to the official ``noxattn``, not
+the same set: the current official script trains only the weights of Linear/Conv2d modules outside ``attn2``,
+so norm affine weights and embeddings stay frozen there, and the old code also froze ``out.`` and
+``time_embed``), ``"full"`` everything. With ``lora_rank`` the subset selects which
 LoRA adapters train.
 
 Class-conditional UNets have no cross-attention (``esd-x`` would train nothing and is refused). There the
@@ -73,6 +97,7 @@ Options and their official origin (§6.3):
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -93,6 +118,8 @@ PARAM_SUBSETS = {
     "class-embedding": lambda name: name.startswith("class_embedding."),  # class models' analogue of esd-x
 }
 _NEEDS_XATTN = ("esd-x", "esd-x-strict")
+NULL_MEAN = -1  # condition id of ε(x_t, ∅) := the mean over the classes (module docstring)
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------- shared helpers
@@ -200,6 +227,28 @@ class FrozenTeacher:
         return sum(t.numel() * t.element_size() for t in (self.frozen or {}).values())
 
 
+class ClassMeanNull:
+    """ε(x_t, ∅) as the mean of ``eps_fn`` over the ``num_classes`` classes on the rows labelled ``NULL_MEAN``;
+    the other rows go through ``eps_fn`` unchanged, all in one forward of (rows + K·null rows)."""
+
+    def __init__(self, eps_fn, num_classes: int):
+        self.eps_fn, self.num_classes = eps_fn, num_classes
+
+    @torch.no_grad()
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        null = cond == NULL_MEAN
+        if not bool(null.any()):
+            return self.eps_fn(x_t, t, cond)
+        K, idx = self.num_classes, null.nonzero().flatten()
+        n = idx.numel()
+        classes = torch.arange(K, device=cond.device).repeat_interleave(n)  # class k for every null row
+        out = self.eps_fn(torch.cat([x_t, x_t[idx].repeat(K, *[1] * (x_t.ndim - 1))]),
+                          torch.cat([t, t[idx].repeat(K)]), torch.cat([cond.clamp_min(0), classes]))
+        eps, per_class = out[:x_t.shape[0]].clone(), out[x_t.shape[0]:]
+        eps[idx] = per_class.reshape(K, n, *x_t.shape[1:]).float().mean(0).to(eps.dtype)
+        return eps
+
+
 @torch.no_grad()
 def ddim_states(eps_fn, scheduler, x_T: torch.Tensor, cond, num_steps: int, upto: int,
                 guidance: Optional[float] = None, null=None):
@@ -283,7 +332,10 @@ class ESD(Method):
             raise bad_type("trajectory_pool", "True or False", opts["trajectory_pool"])
         _check_int("pool_size", opts["pool_size"], allow_none=True)
         _check_int("pool_refresh", opts["pool_refresh"])
-        _check_int("null_class", opts["null_class"], lo=0, allow_none=True)
+        if opts["null_class"] != "mean":
+            if isinstance(opts["null_class"], str):
+                raise bad_value("null_class", "None, 'mean' or a class id (int >= 0)", opts["null_class"])
+            _check_int("null_class", opts["null_class"], lo=0, allow_none=True)
         if opts["erase_from"] is not None and (not isinstance(opts["erase_from"], str) or not opts["erase_from"]):
             raise bad_value("erase_from", "a non-empty prompt or None", opts["erase_from"])
         if opts["max_grad_norm"] is not None:
@@ -312,6 +364,7 @@ class ESD(Method):
         if self.eta is None:
             self.eta = self.negative_guidance_default["classes" if classes else "concept"]
         self.teacher = FrozenTeacher(run)
+        self._eps, self.null_rows = self.teacher, 1  # ε of the frozen base; ∅ costs one row per row
         self._build_conditions(run.forget_target)
         self.pool_size = o["pool_size"] or 4 * run.batch_size
         self._pool = None
@@ -327,12 +380,22 @@ class ESD(Method):
             if o["erase_from"] is not None:
                 raise bad_value("erase_from", "None with fu.Classes (it is a prompt, for text models)", o["erase_from"])
             null = o["null_class"] if o["null_class"] is not None else den.null_class
-            if null is None:
-                raise bad_value("null_class", "the id of the model's unconditional (null) class: this model declares "
-                                "none (config fastunlearn_null_class), and ESD needs ε(x_t, ∅)", None)
-            if null >= self.run.model.config.num_class_embeds or null in target.ids:
+            if null is None or null == "mean":
+                null = NULL_MEAN
+                K = den.num_classes
+                self._eps = ClassMeanNull(self.teacher, K)
+                self.null_rows = K
+                self.null_desc = f"mean of the model's predictions over its {K} classes"
+                why = ("this model declares no null class, so " if o["null_class"] is None else "")
+                logger.info("ESD: %sε(x_t, ∅) is the %s (null_class='mean'; pass null_class=<id> to use a class)",
+                            why, self.null_desc)
+            elif null >= self.run.model.config.num_class_embeds or null in target.ids:
                 raise bad_value("null_class", f"a class id in [0, {self.run.model.config.num_class_embeds}) that is "
-                                "not being erased", null)
+                                "not being erased, or 'mean'", null)
+            else:
+                self.null_desc = (f"the model's null class {null}" if null == den.null_class
+                                  else f"class {null} as a stand-in for the null class")
+                logger.info("ESD: ε(x_t, ∅) is %s", self.null_desc)
             self.c = torch.tensor(list(target.ids), dtype=torch.long)
             self.c_from = self.c
             self.null = torch.tensor([null], dtype=torch.long)
@@ -342,6 +405,7 @@ class ESD(Method):
                                 "or pipeline)", "Concept")
             if o["null_class"] is not None:
                 raise bad_value("null_class", "None for a text model (∅ is the empty prompt)", o["null_class"])
+            self.null_desc = "the empty prompt"
             self.c = encode_prompts(run, [target.prompt])
             self.c_from = encode_prompts(run, [o["erase_from"]]) if o["erase_from"] else self.c
             self.null = encode_prompts(run, [""])
@@ -358,10 +422,10 @@ class ESD(Method):
 
     def _trajectories(self, x_T, ci, upto):
         run = self.run
-        states, ts = ddim_states(self.teacher, run.scheduler, x_T.to(run.device, run.dtype),
+        states, ts = ddim_states(self._eps, run.scheduler, x_T.to(run.device, run.dtype),
                                  cond_to(take_cond(self.c_from, ci), run.device), self.opts["ddim_steps"], upto,
                                  self.opts["start_guidance"], cond_to(self._null_rows(len(ci)), run.device))
-        self.evals["sampling_rows"] += 2 * len(ci) * upto
+        self.evals["sampling_rows"] += (1 + self.null_rows) * len(ci) * upto
         self.evals["sampling_calls"] += upto
         return states, ts
 
@@ -404,13 +468,13 @@ class ESD(Method):
         c = cond_to(take_cond(self.c, ci), run.device)
         null = cond_to(self._null_rows(B), run.device)
         if self.c_from is self.c:
-            e_c, e_null = self.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond(c, null)).chunk(2)
+            e_c, e_null = self._eps(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond(c, null)).chunk(2)
             e_from, c_from = e_c, c
         else:
             c_from = cond_to(take_cond(self.c_from, ci), run.device)
-            e_from, e_c, e_null = self.teacher(torch.cat([x_t] * 3), torch.cat([t] * 3),
-                                               cat_cond(c_from, c, null)).chunk(3)
-        self.evals["teacher_rows"] += B * (2 if self.c_from is self.c else 3)
+            e_from, e_c, e_null = self._eps(torch.cat([x_t] * 3), torch.cat([t] * 3),
+                                            cat_cond(c_from, c, null)).chunk(3)
+        self.evals["teacher_rows"] += B * ((1 if self.c_from is self.c else 2) + self.null_rows)
         self.evals["student_rows"] += B
         pred = run.denoiser(x_t, t, c_from)
         return ops.esd_loss(pred, e_from, e_c, e_null, self.eta)
@@ -428,9 +492,12 @@ class ESD(Method):
     def finish(self, result):
         B, steps = self.run.batch_size, result.meta.get("steps")
         K = self.opts["ddim_steps"]
-        # Fresh sampling (no pool) costs 2·B·k rows per step with k ~ U{0..K−1}: 2·B·(K−1)/2 on average.
+        # Fresh sampling (no pool) costs (1 + null rows)·B·k rows per step with k ~ U{0..K−1}: 2·B·(K−1)/2 on
+        # average with a null class, (1 + classes)·B·(K−1)/2 with the class mean.
         result.extras["unet_evals"] = {**self.evals, "trajectory_pool": self.opts["trajectory_pool"],
                                        "pool_size": self.pool_size if self.opts["trajectory_pool"] else None,
-                                       "no_pool_expected_sampling_rows": (B * (K - 1) * steps) if steps else None}
+                                       "no_pool_expected_sampling_rows":
+                                           ((1 + self.null_rows) * B * (K - 1) * steps // 2) if steps else None}
         result.extras["params"] = self.subset
         result.extras["negative_guidance"] = self.eta
+        result.extras["null"] = self.null_desc

@@ -43,7 +43,9 @@ Options and their official origin (DDPM configs §5.5 unless noted):
   ``pseudo_label_type: "rand"`` path, §5.3). Concepts use ``Concept.anchor`` ("" when None).
 * ``t_init``, ``t_min``, ``t_max``: None picks the timesteps whose noise level s_t = σ_t/γ_t matches the
   official 440, 38, 712 on the linear schedule (s = 2.50, 0.137, 13.1); on SD's scaled-linear schedule this
-  gives the SD script's 625, 20, 980 (§1, §5.4).
+  gives 625, 20 and 981, against the SD script's 625, 20, 980 (§1, §5.4): the noise-level match of 712 lands
+  one timestep above the script's t_max (an exclusive bound; 981 also admits t = 980). Pass ``t_max=980`` to
+  reproduce the SD script exactly.
 * ``sg_remain_coef``, ``sg_forget_coef``, ``g_remain_coef``, ``g_forget_coef``: λ_r^ψ, λ_f^ψ, λ_r^G, λ_f^G.
   The DDPM configs use 1 / 0.01 / 1 / 0.01 over 50 000 iterations; the SD script uses 1.0 for all four.
   The defaults here are the SD script's 1.0: with the few hundred steps that suit a CPU, 0.01 leaves the
@@ -362,13 +364,24 @@ class SFD(Method):
 
     # ------------------------------------------------------------------ the two updates
     def fake_score_loss(self, labels: Labels, d: Draws, coefs):
-        """L_ψ on stop-gradient generator samples (§5.2): SUM over D, mean over rows; NaN rows dropped."""
+        """L_ψ on stop-gradient generator samples (§5.2): SUM over D, mean over rows; NaN rows dropped.
+
+        A row is dropped *before* anything reduces over the batch, so the other rows' gradient survives
+        (the official per-row NaN masks, §5.4, §5.9): a non-finite generator sample is replaced by zeros before
+        ψ's forward (a NaN input would reach the weight gradients through the activations, where a zero
+        cotangent still gives 0·NaN = NaN), and a non-finite output row is replaced by its target, so its
+        residual and its cotangent are exactly zero. The mean stays over the full row counts."""
         with torch.no_grad():
             x_g = self.generate(d.z, self.cond(labels.gen), train=False)
+            good_in = torch.isfinite(x_g.float()).flatten(1).all(1)
+            x_g = torch.where(_rows(good_in, x_g), x_g, torch.zeros_like(x_g))
         x_t, t, e, _, _ = self.noised(x_g, d)
         eps_psi = self.roles.eps("fake", x_t.to(self.run.dtype), t, self.cond(labels.gen), train=True)
-        per = sum_dims((eps_psi.float() - e.float()) ** 2)
-        per = torch.where(torch.isfinite(per), per, torch.zeros_like(per))
+        e = e.to(eps_psi.device).float()
+        with torch.no_grad():
+            good = good_in.to(eps_psi.device) & torch.isfinite(eps_psi.float()).flatten(1).all(1)
+        resid = torch.where(_rows(good, e), eps_psi.float(), e) - e
+        per = sum_dims(resid ** 2)
         n_r = labels.n_remain
         loss_r = per[:n_r].sum() / n_r
         loss_f = per[n_r:].sum() / max(1, per.numel() - n_r)
@@ -469,6 +482,11 @@ class SFD(Method):
         finally:
             gen_model.train(was_training)
         return torch.cat(out)
+
+
+def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-row mask [B] broadcast against [B, ...]."""
+    return mask.reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def _index(cond, ids):

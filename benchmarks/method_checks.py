@@ -1,0 +1,127 @@
+"""Method checks on the bundled digits model whose numbers the README's method sections quote (issue 16).
+
+    python benchmarks/method_checks.py esd-null          # ESD with the real null class vs the class mean (null hidden)
+    python benchmarks/method_checks.py erasediff-sweep   # EraseDiff defaults, every digit forgotten in turn
+    python benchmarks/method_checks.py erasediff-ema     # EraseDiff on digit 3 with and without the EMA copy
+    python benchmarks/method_checks.py siss-lr           # SISS on digit 3 at lr 1e-4 and the official 5e-5
+
+Each prints one line per run (forget rate after, mean and worst kept ratio, seconds) and a JSON summary at the
+end. Rates: 100 DDIM samples (50 steps) per label, judged by the bundled classifier (``fastunlearn.metrics``),
+seed 0, as the tests and ``fastunlearn bench`` do. The numbers change with the machine's threads only by
+float noise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import fastunlearn as fu
+from fastunlearn.metrics import recognition_rates, summarize_classes
+
+
+def without_null_class(unet):
+    """A copy of a class-conditional UNet with its null class removed: a plain ``UNet2DModel(num_class_embeds=K)``
+    as most class models are trained (no label dropout), with the K real classes' weights."""
+    from diffusers import UNet2DModel
+
+    k = unet.config.num_class_embeds - 1
+    cfg = {key: v for key, v in unet.config.items() if not key.startswith(("_", "fastunlearn_"))}
+    plain = UNet2DModel.from_config({**cfg, "num_class_embeds": k})
+    state = dict(unet.state_dict())
+    state["class_embedding.weight"] = state["class_embedding.weight"][:k]
+    plain.load_state_dict(state)
+    return plain.eval()
+
+
+def split(digit: int):
+    data = fu.datasets.digits()
+    hit = data.labels == digit
+    return (fu.DataPoints(data.images[hit], labels=data.labels[hit]),
+            fu.DataPoints(data.images[~hit], labels=data.labels[~hit]))
+
+
+def judge(res, sched, before, digit, seconds, label, **extra):
+    after = recognition_rates(res.model, sched, range(10), n_per_class=100, seed=0)
+    s = summarize_classes(before, after, [digit])
+    kept = {c: after[c] / before[c] for c in after if c != digit}
+    worst = min(kept, key=kept.get)
+    row = dict(run=label, digit=digit, forget_before=s["forget_rate_before"], forget_after=s["forget_rate_after"],
+               kept_mean=s["retain_ratio_mean"], kept_min=s["retain_ratio_min"], worst_kept_digit=worst,
+               seconds=round(seconds, 1), **extra)
+    print(f"{label} digit {digit}: forget {s['forget_rate_before']:.2f} -> {s['forget_rate_after']:.2f}, kept mean "
+          f"{s['retain_ratio_mean']:.3f}, worst {s['retain_ratio_min']:.3f} (digit {worst}), {seconds:.0f} s "
+          f"{extra or ''}", flush=True)
+    return row
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    res = fn()
+    return res, time.perf_counter() - t0
+
+
+def esd_null(digits=(3,)):
+    unet, sched = fu.zoo.digits()
+    plain = without_null_class(unet)
+    before = recognition_rates(unet, sched, range(10), n_per_class=100, seed=0)
+    before_plain = recognition_rates(plain, sched, range(10), n_per_class=100, seed=0)
+    rows = []
+    for d in digits:
+        res, sec = timed(lambda: fu.erase(unet, forget=fu.Classes([d]), method="esd", scheduler=sched, progress=False))
+        rows.append(judge(res, sched, before, d, sec, "esd null class 10", null=res.extras["null"]))
+        res, sec = timed(lambda: fu.erase(plain, forget=fu.Classes([d]), method="esd", scheduler=sched,
+                                          progress=False))
+        rows.append(judge(res, sched, before_plain, d, sec, "esd null hidden (default)", null=res.extras["null"]))
+    return rows
+
+
+def erasediff_sweep(digits=range(10), **options):
+    unet, sched = fu.zoo.digits()
+    before = recognition_rates(unet, sched, range(10), n_per_class=100, seed=0)
+    rows = []
+    for d in digits:
+        forget, retain = split(d)
+        res, sec = timed(lambda: fu.erase(unet, forget=forget, retain=retain, method="erasediff", scheduler=sched,
+                                          progress=False, **options))
+        rows.append(judge(res, sched, before, d, sec, f"erasediff {options or 'defaults'}",
+                          target=res.extras.get("relabel")))
+    forget = max(r["forget_after"] for r in rows)
+    kept = min(rows, key=lambda r: r["kept_min"])
+    print(f"worst forget rate {forget:.2f}; worst kept ratio {kept['kept_min']:.3f} (digit {kept['worst_kept_digit']} "
+          f"when forgetting {kept['digit']})")
+    return rows
+
+
+def erasediff_ema(digit=3):
+    rows = []
+    for ema in (None, "official"):
+        rows += erasediff_sweep([digit], ema=ema)
+    return rows
+
+
+def siss_lr(digit=3):
+    unet, sched = fu.zoo.digits()
+    before = recognition_rates(unet, sched, range(10), n_per_class=100, seed=0)
+    forget, retain = split(digit)
+    rows = []
+    for lr in (1e-4, 5e-5):
+        res, sec = timed(lambda: fu.erase(unet, forget=forget, retain=retain, method="siss", scheduler=sched, lr=lr,
+                                          progress=False))
+        rows.append(judge(res, sched, before, digit, sec, f"siss lr {lr:g}"))
+    return rows
+
+
+if __name__ == "__main__":
+    checks = {"esd-null": esd_null, "erasediff-sweep": erasediff_sweep, "erasediff-ema": erasediff_ema,
+              "siss-lr": siss_lr}
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("check", choices=sorted(checks))
+    p.add_argument("--digits", type=int, nargs="*", help="digits to forget (default: the check's own)")
+    a = p.parse_args()
+    torch.manual_seed(0)
+    fn = checks[a.check]
+    out = fn(a.digits) if a.digits and a.check in ("esd-null", "erasediff-sweep") else fn()
+    print(json.dumps(out, indent=1))
