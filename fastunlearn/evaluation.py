@@ -651,7 +651,7 @@ def _eval_cli(args):
     from .targets import DataPoints
 
     try:
-        forget = DataPoints(args.forget_data, normalize=True) if args.forget_data else None
+        forget = DataPoints(args.forget_data) if args.forget_data else None
         before = False if args.no_before else args.before
         r = evaluate(args.result_dir, before=before, forget=forget, n_per_class=args.n_per_class,
                      n_samples=args.samples, num_inference_steps=args.num_inference_steps, seed=args.seed,
