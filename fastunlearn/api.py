@@ -138,7 +138,9 @@ def _prepare_data(name: str, target, den: Denoiser, extras=None, resolution=None
         vae = extras["pipeline"].vae
         f = extras["vae_scale_factor"]
         side = resolution if resolution is not None else shape[1] * f
-        images = target.pixels(int(vae.config.in_channels), what)
+        c = int(vae.config.in_channels)
+        images = target.pixels(c, what, f"{c}-channel pixel images for the pipeline's VAE (latents already in "
+                               f"the UNet's {shape[0]}-channel space go in through DataPoints.from_latents)")
         if tuple(images.shape[2:]) != (side, side):
             raise bad_value(what, f"pixel images of {side}x{side} (the working resolution: "
                             f"{'resolution=' if resolution is not None else 'the UNet sample_size x the VAE factor'} "

@@ -237,9 +237,10 @@ class DataPoints:
             parts.append(f"prompts={uniq[:3]!r}" + (f" (+{len(uniq) - 3} more)" if len(uniq) > 3 else ""))
         return f"DataPoints({', '.join(parts)})"
 
-    def pixels(self, channels: int, what: str = "images") -> torch.Tensor:
+    def pixels(self, channels: int, what: str = "images", expected: Optional[str] = None) -> torch.Tensor:
         """The images with ``channels`` channels: images from files / PIL convert between grayscale and RGB
-        (as ``image.convert``), tensors must already have them."""
+        (as ``image.convert``), tensors must already have them (else an error naming ``what``, saying
+        ``expected``)."""
         x = self.images
         c = x.shape[1]
         if c == channels:
@@ -249,7 +250,7 @@ class DataPoints:
         if self.from_files and (c, channels) == (3, 1):  # ITU-R 601-2 luma, what PIL's convert("L") computes
             w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(1, 3, 1, 1)
             return (x * w).sum(1, keepdim=True)
-        raise bad_value(what, f"{channels} channel(s) to match the model", tuple(x.shape))
+        raise bad_value(what, expected or f"{channels} channel(s) to match the model", tuple(x.shape))
 
 
 @dataclass
