@@ -231,19 +231,35 @@ def test_cli_erase_from_png_folders_on_the_digits_model(tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "fastunlearn.json").read_text())["forgotten"]["label_counts"] == {"3": n3}
 
 
-def test_cli_erase_from_png_folders_on_an_sd_pipeline_and_eval_draws_rgb(tmp_path, sd_folder, monkeypatch):
-    from fastunlearn import viz
+def _cli_erase_sd(tmp_path, sd_folder, steps="2"):
     from fastunlearn.cli import main
-    from fastunlearn.result import Result
 
     imgs, _ = _digits(8)
     _write_pngs(tmp_path / "forget", imgs[:2], [CAT] * 2)
     _write_pngs(tmp_path / "retain", imgs[2:], [CAR] * 6)
     main(["erase", "--model", str(sd_folder), "--method", "siss", "--data", str(tmp_path / "forget"), "--retain",
-          str(tmp_path / "retain"), "--steps", "2", "--batch-size", "2", "--out", str(tmp_path / "out"),
+          str(tmp_path / "retain"), "--steps", steps, "--batch-size", "2", "--out", str(tmp_path / "out"),
           "--no-progress"])
-    assert fu.load(tmp_path / "out").model.config.in_channels == 4
-    # eval: the picture holds decoded RGB images, drawn with --num_inference_steps
+    return tmp_path / "out"
+
+
+def test_cli_erase_from_png_folders_on_an_sd_pipeline(tmp_path, sd_folder):
+    """PNG files with captions (metadata.jsonl) into a latent pipeline: failed on the old code with the
+    double normalisation ("range [-3, 1]")."""
+    out = _cli_erase_sd(tmp_path, sd_folder)
+    res = fu.load(out)
+    assert res.model.config.in_channels == 4 and len(res.history) == 2
+    rec = json.loads((out / "fastunlearn.json").read_text())["forgotten"]
+    assert rec["shape"] == [2, 3, 16, 16] and rec["prompts"] == [CAT]
+
+
+@pytest.mark.slow
+def test_eval_of_an_sd_result_draws_decoded_rgb_with_its_step_count(tmp_path, sd_folder, monkeypatch):
+    from fastunlearn import viz
+    from fastunlearn.cli import main
+    from fastunlearn.result import Result
+
+    out = _cli_erase_sd(tmp_path, sd_folder, steps="1")
     steps, rows = [], []
     draw = Result._sample_with_pipeline
     monkeypatch.setattr(Result, "_sample_with_pipeline",
@@ -251,7 +267,9 @@ def test_cli_erase_from_png_folders_on_an_sd_pipeline_and_eval_draws_rgb(tmp_pat
     save = viz.save_before_after
     monkeypatch.setattr(viz, "save_before_after", lambda path, before, after, *a, **k: (rows.extend(before + after),
                                                                                          save(path, before, after, *a, **k))[1])
-    main(["eval", str(tmp_path / "out"), "--num_inference_steps", "2", "--out", str(tmp_path / "eval")])
+    main(["eval", str(out), "--num_inference_steps", "2", "--out", str(tmp_path / "eval")])
     assert steps and set(steps) == {2}
     assert rows and all(r.shape[1:] == (3, 16, 16) and r.min() >= -1 and r.max() <= 1 for r in rows)
     assert (tmp_path / "eval" / "before_after.png").exists()
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert report["concept"] == CAT and "decoded by its VAE" in report["settings"]["sampler"]
