@@ -205,8 +205,8 @@ class DataPoints:
                 self.images = self.images / scale * 2.0 - 1.0
             lo, hi = float(self.images.min()), float(self.images.max())
             if lo < -1.0 - 1e-4 or hi > 1.0 + 1e-4:
-                raise bad_value("images", "pixel values in [-1, 1] (pass normalize=True to rescale [0, 1] or "
-                                "[0, 255] data; latents already in the model's sample space go in with "
+                raise bad_value("images", "values in [-1, 1] for pixels (pass normalize=True to rescale [0, 1] "
+                                "or [0, 255] data; latents already in the model's sample space go in with "
                                 "DataPoints.from_latents(...) or latents=True)", f"range [{lo:.3g}, {hi:.3g}]")
         n = self.images.shape[0]
         if self.labels is not None:
