@@ -101,6 +101,17 @@ def latent_extras(pipe) -> dict:
     return extras
 
 
+def _working_vae(vae):
+    """The VAE to run: a float32 copy when it is fp16 and asks for upcasting (``force_upcast``, the SDXL VAE,
+    which overflows in fp16), as the pipelines do; never the caller's module changed in place."""
+    p = next(vae.parameters())
+    if p.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        import copy
+
+        return copy.deepcopy(vae).float()
+    return vae
+
+
 @torch.no_grad()
 def decode_latents(pipe, latents: torch.Tensor, output_type: str = "pil"):
     """Latents in the UNet's sample space → images as ``pipe`` returns them (``output_type`` "pil", "np",
@@ -108,7 +119,7 @@ def decode_latents(pipe, latents: torch.Tensor, output_type: str = "pil"):
     post-process with its ``image_processor``."""
     if output_type == "latent":
         return latents
-    vae = pipe.vae
+    vae = _working_vae(pipe.vae)
     p = next(vae.parameters())
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
     z = latents.to(p.device, p.dtype) / float(vae.config.scaling_factor) + shift
@@ -116,18 +127,19 @@ def decode_latents(pipe, latents: torch.Tensor, output_type: str = "pil"):
     return pipe.image_processor.postprocess(images.float(), output_type=output_type)
 
 
-def image_encoder(vae, batch_size: int = 8) -> Callable:
+def image_encoder(the_vae, batch_size: int = 8) -> Callable:
     """``encode(pixels [N, 3, H, W] in [-1, 1], seed, progress) -> latents [N, C, H/f, W/f]`` on the CPU in
     fp32: ``vae.encode(x).latent_dist.sample()``, minus ``shift_factor`` (SD3/Flux VAEs; absent for SD/SDXL),
     times ``scaling_factor``, as the diffusers training scripts prepare latents. ``batch_size`` images per VAE
     call: the VAE's activations at SDXL size are large, a few images at a time keep the peak low."""
     from tqdm.auto import tqdm
 
-    scaling = float(vae.config.scaling_factor)
-    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    scaling = float(the_vae.config.scaling_factor)
+    shift = float(getattr(the_vae.config, "shift_factor", None) or 0.0)
 
     @torch.no_grad()
     def encode(pixels: torch.Tensor, seed: int = 0, progress: bool = False, what: str = "images") -> torch.Tensor:
+        vae = _working_vae(the_vae)
         p = next(vae.parameters())
         gen = torch.Generator(device=p.device).manual_seed(int(seed))  # the posterior draw is part of the run's seed
         was_training = vae.training

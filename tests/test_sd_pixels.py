@@ -273,3 +273,17 @@ def test_eval_of_an_sd_result_draws_decoded_rgb_with_its_step_count(tmp_path, sd
     assert (tmp_path / "eval" / "before_after.png").exists()
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert report["concept"] == CAT and "decoded by its VAE" in report["settings"]["sampler"]
+
+
+def test_an_fp16_vae_that_asks_for_upcasting_encodes_in_fp32_without_changing_it():
+    from fastunlearn.pipelines import image_encoder
+    from fastunlearn.text import tiny_vae
+
+    vae = tiny_vae()
+    x = torch.nn.functional.interpolate(fu.datasets.digits().images[:2], size=16).expand(-1, 3, -1, -1)
+    ref = image_encoder(vae)(x, seed=0)
+    vae = vae.half()
+    vae.register_to_config(force_upcast=True)
+    z = image_encoder(vae)(x, seed=0)
+    assert next(vae.parameters()).dtype == torch.float16  # the caller's VAE stays as it was
+    assert torch.allclose(z, ref, atol=1e-2)  # fp32 work on fp16-rounded weights
