@@ -5,6 +5,7 @@ was expected. The input model is deep-copied, never modified.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import resource
@@ -122,27 +123,64 @@ def _check_int(name, value, lo=1):
         raise bad_value(name, f"an int >= {lo}", value)
 
 
-def _prepare_data(name: str, target, den: Denoiser):
-    """DataPoints → (x0 tensor on CPU, conditioning) after checking them against the model."""
+def _prepare_data(name: str, target, den: Denoiser, extras=None, resolution=None):
+    """DataPoints → (x0 tensor on CPU, conditioning) after checking them against the model. On a pipeline
+    with a VAE, x0 holds the pixel images still (checked against the working resolution); ``_encode_data``
+    turns them into latents once the run starts."""
     if target is None:
         return None
     if not isinstance(target, DataPoints):
         return None
+    extras = extras or {}
+    what = f"{name}.images"
     shape = den.sample_shape
-    if tuple(target.images.shape[1:2]) != shape[:1]:
-        raise bad_value(f"{name}.images", f"{shape[0]} channel(s) to match the model", tuple(target.images.shape))
+    if extras.get("encode_images") is not None and not target.latents:
+        vae = extras["pipeline"].vae
+        f = extras["vae_scale_factor"]
+        side = resolution if resolution is not None else shape[1] * f
+        c = int(vae.config.in_channels)
+        images = target.pixels(c, what, f"{c}-channel pixel images for the pipeline's VAE (latents already in "
+                               f"the UNet's {shape[0]}-channel space go in through DataPoints.from_latents)")
+        if tuple(images.shape[2:]) != (side, side):
+            raise bad_value(what, f"pixel images of {side}x{side} (the working resolution: "
+                            f"{'resolution=' if resolution is not None else 'the UNet sample_size x the VAE factor'} "
+                            f"{side}; resize them, or pass resolution=), or latents of {shape[0]}x{side // f}x"
+                            f"{side // f} through DataPoints.from_latents", tuple(target.images.shape))
+    else:
+        images = target.pixels(shape[0], what) if not target.latents else target.images
+        if tuple(images.shape[1:2]) != shape[:1]:
+            hint = ""
+            if "vae_scale_factor" in extras and extras.get("encode_images") is None and not target.latents:
+                hint = " (this pipeline has no VAE: images must be in the UNet's sample space)"
+            raise bad_value(what, f"{shape[0]} channel(s) to match the model{hint}", tuple(target.images.shape))
+        if target.latents and "vae_scale_factor" in extras:
+            side = (resolution // extras["vae_scale_factor"]) if resolution is not None else shape[1]
+            if tuple(images.shape[2:]) != (side, side):
+                raise bad_value(what, f"latents of {shape[0]}x{side}x{side} (the UNet's working size)",
+                                tuple(images.shape))
     if den.kind == "class":
         if target.labels is None:
             raise bad_value(f"{name}.labels", "class labels for a class-conditional model", None)
         k = den.num_classes
         if (target.labels >= k).any():
             raise bad_value(f"{name}.labels", f"class ids in [0, {k})", int(target.labels.max()))
-        return target.images.float(), target.labels.clone()
+        return images.float(), target.labels.clone()
     if den.kind == "text":
         if target.prompts is None:
             raise bad_value(f"{name}.prompts", "one prompt per image for a text-conditional model", None)
-        return target.images.float(), list(target.prompts)
-    return target.images.float(), None
+        return images.float(), list(target.prompts)
+    return images.float(), None
+
+
+def _encode_data(data, target, extras, seed: int, progress: bool, what: str, cache: dict):
+    """Pixel images → the VAE's scaled latents (pipelines with a VAE; anything else passes through). Each
+    DataPoints is encoded once per run (``cache``: forget and retain may be the same object)."""
+    if data is None or extras.get("encode_images") is None or target.latents:
+        return data
+    key = id(target)
+    if key not in cache:
+        cache[key] = extras["encode_images"](data[0], seed=seed, progress=progress, what=what)
+    return cache[key], data[1]
 
 
 def erase(model, forget, retain=None, method: Optional[str] = None, scheduler=None, steps: Optional[int] = None,
@@ -219,8 +257,11 @@ def erase(model, forget, retain=None, method: Optional[str] = None, scheduler=No
         bad = [c for c in forget.ids if c >= den.num_classes]
         if bad or (forget.override is not None and forget.override >= den.num_classes):
             raise bad_value("forget", f"class ids in [0, {den.num_classes})", bad or forget.override)
-    forget_data = _prepare_data("forget", forget, den)
-    retain_data = _prepare_data("retain", retain, den)
+    forget_data = _prepare_data("forget", forget, den, extras, resolution)
+    retain_data = _prepare_data("retain", retain, den, extras, resolution)
+    concept_data = None  # Concept.images: checked (and, on a latent pipeline, encoded) like DataPoints
+    if isinstance(forget, Concept) and isinstance(forget.images, DataPoints):
+        concept_data = _prepare_data("forget.images", forget.images, den, extras, resolution)
     if cls.needs_forget_data and forget_data is None:
         raise bad_value("forget", f"fu.DataPoints (method {method!r} needs the images to forget)", type(forget).__name__)
 
@@ -249,6 +290,13 @@ def erase(model, forget, retain=None, method: Optional[str] = None, scheduler=No
         t_start = time.perf_counter()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        encoded: dict = {}  # before the Run: the VAE is still where the caller put it (runtime.InputOffload)
+        forget_data = _encode_data(forget_data, forget, extras, seed, progress, "forget images", encoded)
+        retain_data = _encode_data(retain_data, retain, extras, seed, progress, "retain images", encoded)
+        if concept_data is not None and extras.get("encode_images") is not None and not forget.images.latents:
+            z = _encode_data(concept_data, forget.images, extras, seed, progress, "concept images", encoded)[0]
+            pts = forget.images
+            forget = dataclasses.replace(forget, images=DataPoints.from_latents(z, labels=pts.labels, prompts=pts.prompts))
         run = Run(unet, scheduler, forget=forget_data, retain=retain_data, forget_target=forget, retain_target=retain,
                   batch_size=batch_size, seed=seed, lora_rank=lora_rank, encode_prompts=extras.get("encode_prompts"),
                   trainable=getattr(cls, "trainable_filter", lambda opts: None)(opts), device=device)

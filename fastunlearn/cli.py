@@ -39,9 +39,9 @@ def _erase(args):
         elif args.concept:
             forget = fu.Concept(args.concept, anchor=args.anchor)
         elif args.data:
-            forget = fu.DataPoints(args.data, normalize=True)
+            forget = fu.DataPoints(args.data)
         if args.retain:
-            retain = fu.DataPoints(args.retain, normalize=True)
+            retain = fu.DataPoints(args.retain)
         elif args.retain_prompts:
             retain = list(args.retain_prompts)
         model = args.model

@@ -23,3 +23,22 @@ def digits(classes=None) -> DataPoints:
         keep = torch.isin(labels, torch.as_tensor(list(classes)))
         images, labels = images[keep], labels[keep]
     return DataPoints(images, labels=labels)
+
+
+def digits_pil(size: int = 8, classes=None, n=None, mode: str = "L"):
+    """scikit-learn's digits as PIL images (``mode`` "L" or "RGB", upscaled to ``size`` px with nearest
+    neighbour), optionally only ``classes`` and the first ``n``: real pictures for pipelines that take
+    pixel images. Returns ``(images, labels [N])``."""
+    import numpy as np
+    from PIL import Image
+
+    images, labels = digits_tensors()
+    if classes is not None:
+        keep = torch.isin(labels, torch.as_tensor(list(classes)))
+        images, labels = images[keep], labels[keep]
+    if n is not None:
+        images, labels = images[:n], labels[:n]
+    pixels = ((images[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    out = [Image.fromarray(np.ascontiguousarray(a)).resize((size, size), Image.NEAREST).convert(mode)
+           for a in pixels]
+    return out, labels

@@ -118,7 +118,7 @@ def describe_forget(forget) -> dict:
         images = forget.images.detach().float().cpu().contiguous()
         raw = images.numpy().tobytes()
         out = {"kind": "datapoints", "n": int(images.shape[0]), "shape": list(images.shape),
-               "sha256": hashlib.sha256(raw).hexdigest()}
+               "sha256": hashlib.sha256(raw).hexdigest(), "latents": bool(forget.latents)}
         if forget.labels is not None:
             labels = [int(v) for v in forget.labels]
             out["label_counts"] = {str(c): labels.count(c) for c in sorted(set(labels))}
@@ -128,6 +128,8 @@ def describe_forget(forget) -> dict:
             out["images_float32_base64"] = base64.b64encode(raw).decode("ascii")
             if forget.labels is not None:
                 out["labels"] = labels  # per image, with the images
+            if forget.prompts is not None:
+                out["image_prompts"] = list(forget.prompts)
         return out
     return {"kind": type(forget).__name__}
 
@@ -223,12 +225,15 @@ def _forget_from_meta(meta: dict):
         return Concept(rec["prompt"], anchor=rec.get("anchor"))
     if kind == "datapoints":
         images = _decode_images(rec)
+        if images is None and rec.get("prompts"):  # a text model: its measure is the forgotten prompt's shift
+            return Concept(rec["prompts"][0])
         if images is None:
             raise InvalidArgumentError(
                 f"forget: the result forgot {rec.get('n')} images too large to store in fastunlearn.json; "
                 "pass them (evaluate(..., forget=fu.DataPoints(...)) or fastunlearn eval --forget-data DIR)")
         labels = torch.tensor(rec["labels"]) if rec.get("labels") is not None else None
-        return DataPoints(images, labels=labels)
+        return DataPoints(images, labels=labels, prompts=rec.get("image_prompts"),
+                          latents=bool(rec.get("latents", False)))
     return None
 
 
@@ -237,7 +242,7 @@ def _sample(res, n: int, labels, steps: int, seed: int, class_prompts=None) -> t
     with ``class_prompts``, class ``c`` is drawn with the prompt ``class_prompts[c]``."""
     if class_prompts is not None:
         prompts = [class_prompts[int(c)] for c in labels]
-        return res.sample(n, prompts=prompts, num_inference_steps=steps, seed=seed).float().cpu()
+        return _draw(res, n, prompts, steps, seed)
     return res.sample(n, class_labels=labels, num_inference_steps=steps, seed=seed).float().cpu()
 
 
@@ -337,15 +342,19 @@ def _evaluate(result, *, before=None, forget=None, scheduler=None, reference=Non
     report = {"method": res.method, "forgotten": _describe_short(forget), "base_model": _ref_text(before),
               "settings": settings}
     if den.kind == "text":
-        if before_res is not None and not (res.extras or {}).get("encode_prompts"):
-            # a saved result carries no text encoder: the base pipeline's is the same frozen one
-            res.extras = {**(res.extras or {}), "encode_prompts": before_res.extras.get("encode_prompts")}
+        if before_res is not None:
+            # a saved result carries no text encoder or VAE: the base pipeline's are the same frozen ones
+            for key in ("encode_prompts", "pipeline"):
+                if not (res.extras or {}).get(key) and before_res.extras.get(key) is not None:
+                    res.extras = {**(res.extras or {}), key: before_res.extras[key]}
+        if res._latent_pipeline() is not None:
+            settings["sampler"] = f"the pipeline's {type(res._latent_pipeline().scheduler).__name__}, decoded by its VAE"
         class_prompts = _class_prompts(class_prompts, res)
         if prompts is None and class_prompts is not None and getattr(forget, "prompt", None) in class_prompts:
             prompts = [q for q in class_prompts if q != forget.prompt]  # the other classes are the unrelated ones
         measured, grid = {"kind": "text"}, None
         if (before_res is not None and forget is not None) or class_prompts is None:  # the shift: before + concept
-            measured, grid = _evaluate_text(res, before_res, forget, prompts, seed, settings)
+            measured, grid = _evaluate_text(res, before_res, forget, prompts, seed, settings, num_inference_steps)
         if class_prompts is not None:
             from .targets import Classes
 
@@ -489,7 +498,14 @@ def _evaluate_unconditional(res, before_res, forget, clf, ref_feats, n, steps, s
 
 
 # ------------------------------------------------------------------------------------------------ text models
-def _evaluate_text(res, before_res, forget, prompts, seed, settings, n_noisy: int = 16):
+def _draw(res, n: int, prompts, steps: int, seed: int) -> torch.Tensor:
+    """Samples for prompts as a CPU tensor [n, C, H, W] in [-1, 1]: decoded RGB images on a latent model."""
+    if res._latent_pipeline() is not None:
+        return res.sample(n, prompts=prompts, num_inference_steps=steps, seed=seed, output_type="pt").float().cpu() * 2 - 1
+    return res.sample(n, prompts=prompts, num_inference_steps=steps, seed=seed).float().cpu()
+
+
+def _evaluate_text(res, before_res, forget, prompts, seed, settings, steps: int = 50, n_noisy: int = 16):
     """Concept shift on held-out noisy inputs: mean squared change of ε(x_t, prompt) from before to after,
     for the forgotten concept and for unrelated prompts (no sampling, no classifier)."""
     from .models import Denoiser
@@ -502,8 +518,11 @@ def _evaluate_text(res, before_res, forget, prompts, seed, settings, n_noisy: in
     if enc is None:
         raise bad_value("result", "a pipeline result with a text encoder (encode_prompts)", None)
     concept = forget.prompt if isinstance(forget, Concept) else None
+    if concept is None and getattr(forget, "prompts", None):  # DataPoints: the prompt of the forgotten images
+        concept = max(set(forget.prompts), key=list(forget.prompts).count)
     if concept is None:
-        raise bad_value("forget", "fu.Concept(prompt) for a text-conditional model", forget)
+        raise bad_value("forget", "fu.Concept(prompt), or fu.DataPoints with prompts, for a text-conditional model",
+                        forget)
     others = list(prompts) if prompts else ["a photo of a dog", "a landscape painting", "a red car"]
     den_a, den_b = Denoiser(res.model), Denoiser(before_res.model)
     gen = torch.Generator().manual_seed(10_000 + seed)  # held out: not a seed any method trains with
@@ -531,8 +550,8 @@ def _evaluate_text(res, before_res, forget, prompts, seed, settings, n_noisy: in
     grid = None
     try:
         k = 4
-        rows_a = [res.sample(k, prompts=q, seed=seed).float().cpu() for q in [concept] + others]
-        rows_b = [before_res.sample(k, prompts=q, seed=seed).float().cpu() for q in [concept] + others]
+        rows_a = [_draw(res, k, q, steps, seed) for q in [concept] + others]
+        rows_b = [_draw(before_res, k, q, steps, seed) for q in [concept] + others]
         grid = {"before": rows_b, "after": rows_a, "labels": [q[:24] for q in [concept] + others], "highlight": [0]}
     except FastUnlearnError:
         pass  # results without a sampler for prompts: numbers only
@@ -651,7 +670,7 @@ def _eval_cli(args):
     from .targets import DataPoints
 
     try:
-        forget = DataPoints(args.forget_data, normalize=True) if args.forget_data else None
+        forget = DataPoints(args.forget_data) if args.forget_data else None
         before = False if args.no_before else args.before
         r = evaluate(args.result_dir, before=before, forget=forget, n_per_class=args.n_per_class,
                      n_samples=args.samples, num_inference_steps=args.num_inference_steps, seed=args.seed,

@@ -15,9 +15,11 @@ methods only ever see
 
 The methods work in the UNet's sample space: the VAE latent space of a real Stable Diffusion pipeline
 (data-free methods sample there directly, so they need no VAE), or pixel space for a pipeline built
-without a VAE (``vae=None``, as the tiny test pipelines of ``fastunlearn.text`` are). ``DataPoints``
-images given to a pipeline must already be in that space (channels are checked against the UNet);
-encoding pixel images through the VAE is not part of this version.
+without a VAE (``vae=None``, as the tiny test pipelines of ``fastunlearn.text`` are). On a pipeline with a
+VAE, ``DataPoints`` pixel images are encoded once through its own VAE (``extras["encode_images"]``: batched,
+``(z - shift_factor) * scaling_factor`` as the diffusers training scripts do, shown in a progress bar) and
+latents given with ``DataPoints.from_latents`` are used as they are. ``extras["pipeline"]`` keeps the
+pipeline itself: ``Result.sample`` draws through it (its scheduler, guidance and VAE decoder).
 """
 from __future__ import annotations
 
@@ -87,8 +89,77 @@ def resolve(pipe, scheduler=None, resolution=None):
     scheduler = scheduler if scheduler is not None else getattr(pipe, "scheduler", None)
     if scheduler is None or not hasattr(scheduler, "alphas_cumprod") or not hasattr(scheduler, "config"):
         raise bad_type("scheduler", "a diffusers noise scheduler with alphas_cumprod", scheduler)
-    return unet, scheduler, {"encode_prompts": prompt_encoder(text_encoder, tokenizer),
-                             "vae_scale_factor": vae_scale_factor(pipe)}
+    return unet, scheduler, {"encode_prompts": prompt_encoder(text_encoder, tokenizer), **latent_extras(pipe)}
+
+
+def latent_extras(pipe) -> dict:
+    """What SD and SDXL share: the VAE's scale factor and, with a VAE, the pixel encoder and the pipeline
+    that ``Result.sample`` draws through."""
+    extras = {"vae_scale_factor": vae_scale_factor(pipe)}
+    if getattr(pipe, "vae", None) is not None:
+        extras.update(encode_images=image_encoder(pipe.vae), pipeline=pipe)
+    return extras
+
+
+def _working_vae(vae):
+    """The VAE to run: a float32 copy when it is fp16 and asks for upcasting (``force_upcast``, the SDXL VAE,
+    which overflows in fp16), as the pipelines do; never the caller's module changed in place."""
+    p = next(vae.parameters())
+    if p.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        import copy
+
+        return copy.deepcopy(vae).float()
+    return vae
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor, output_type: str = "pil"):
+    """Latents in the UNet's sample space → images as ``pipe`` returns them (``output_type`` "pil", "np",
+    "pt" or "latent"): undo ``scaling_factor`` / ``shift_factor``, decode with the pipeline's VAE and
+    post-process with its ``image_processor``."""
+    if output_type == "latent":
+        return latents
+    vae = _working_vae(pipe.vae)
+    p = next(vae.parameters())
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    z = latents.to(p.device, p.dtype) / float(vae.config.scaling_factor) + shift
+    images = torch.cat([vae.decode(z[a:a + 8]).sample for a in range(0, z.shape[0], 8)])
+    return pipe.image_processor.postprocess(images.float(), output_type=output_type)
+
+
+def image_encoder(the_vae, batch_size: int = 8) -> Callable:
+    """``encode(pixels [N, 3, H, W] in [-1, 1], seed, progress) -> latents [N, C, H/f, W/f]`` on the CPU in
+    fp32: ``vae.encode(x).latent_dist.sample()``, minus ``shift_factor`` (SD3/Flux VAEs; absent for SD/SDXL),
+    times ``scaling_factor``, as the diffusers training scripts prepare latents. ``batch_size`` images per VAE
+    call: the VAE's activations at SDXL size are large, a few images at a time keep the peak low."""
+    from tqdm.auto import tqdm
+
+    scaling = float(the_vae.config.scaling_factor)
+    shift = float(getattr(the_vae.config, "shift_factor", None) or 0.0)
+
+    @torch.no_grad()
+    def encode(pixels: torch.Tensor, seed: int = 0, progress: bool = False, what: str = "images") -> torch.Tensor:
+        vae = _working_vae(the_vae)
+        p = next(vae.parameters())
+        gen = torch.Generator(device=p.device).manual_seed(int(seed))  # the posterior draw is part of the run's seed
+        was_training = vae.training
+        vae.eval()
+        out = []
+        try:
+            for a in tqdm(range(0, pixels.shape[0], batch_size), disable=not progress, leave=False,
+                          desc=f"encoding {what} through the VAE", unit="batch"):
+                x = pixels[a:a + batch_size].to(p.device, p.dtype)
+                z = vae.encode(x).latent_dist.sample(generator=gen)
+                out.append(((z - shift) * scaling).float().cpu())
+        finally:
+            vae.train(was_training)
+        z = torch.cat(out)
+        if not torch.isfinite(z).all():  # e.g. the SDXL VAE in fp16, which overflows
+            raise bad_value(what, f"images the VAE encodes to finite latents (the VAE in {p.dtype} gave NaN/inf; "
+                            "run it in float32 or use an fp16-safe VAE)", "non-finite latents")
+        return z
+
+    return encode
 
 
 def vae_scale_factor(pipe) -> int:

@@ -23,6 +23,19 @@ from .errors import CorruptResultError, InvalidArgumentError, MissingFileError, 
 from .sampling import ddim_sample
 
 META_FILE = "fastunlearn.json"
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")  # a diffusers pipeline's output_type values
+
+
+def _prompt_list(prompts, n: int) -> list:
+    if prompts is None:
+        raise InvalidArgumentError("prompts: a text-conditional model needs prompts")
+    if isinstance(prompts, str):
+        prompts = [prompts] * n
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise InvalidArgumentError(f"prompts: expected a string or a list of {n} strings, got {type(prompts).__name__}")
+    if len(prompts) != n:
+        raise InvalidArgumentError(f"prompts: expected {n} prompts, got {len(prompts)}")
+    return list(prompts)
 
 
 @dataclass
@@ -41,13 +54,32 @@ class Result:
 
     # --------------------------------------------------------------------------------------- sampling
     def sample(self, n: int, class_labels=None, prompts=None, num_inference_steps: Optional[int] = None,
-               seed: int = 0, guidance_scale: Optional[float] = None) -> torch.Tensor:
-        """``n`` images in [-1, 1]. Class-conditional models: ``class_labels`` (an int, or n ids; default
-        cycles through the classes). SFD results sample with the one-step generator."""
+               seed: int = 0, guidance_scale: Optional[float] = None, output_type: Optional[str] = None):
+        """``n`` samples of the unlearned model, seeded.
+
+        * Pixel-space models (a bare UNet, or a pipeline without a VAE): a tensor [n, C, H, W] in [-1, 1],
+          DDIM (η = 0) from the model's scheduler; ``guidance_scale`` needs the model's null class / the
+          empty prompt. Class-conditional models take ``class_labels`` (an int, or n ids; default cycles
+          through the classes), text models ``prompts``.
+        * Latent models (a Stable Diffusion / SDXL pipeline with a VAE): drawn through that pipeline with the
+          unlearned UNet in place (its own scheduler, classifier-free guidance at ``guidance_scale`` or the
+          pipeline's default, its VAE decoder), and returned as the pipeline returns images: ``output_type``
+          "pil" (default; a list of n RGB PIL images), "np" (an array [n, H, W, 3] in [0, 1]), "pt" (a
+          tensor [n, 3, H, W] in [0, 1]) or "latent" (the latents, not decoded).
+
+        SFD results sample with the one-step generator (decoded through the VAE on a latent model)."""
         from .models import Denoiser
 
-        if not isinstance(n, int) or n <= 0:
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             raise InvalidArgumentError(f"n: expected a positive int, got {n!r}")
+        if num_inference_steps is not None and (isinstance(num_inference_steps, bool)
+                                                or not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+            raise InvalidArgumentError(f"num_inference_steps: expected a positive int, got {num_inference_steps!r}")
+        pipe = self._latent_pipeline()
+        if output_type is not None and (pipe is None or output_type not in OUTPUT_TYPES):
+            expected = " | ".join(map(repr, OUTPUT_TYPES)) if pipe is not None else \
+                "None (a pixel-space model returns a tensor in [-1, 1]; output_type is for pipelines with a VAE)"
+            raise InvalidArgumentError(f"output_type: expected {expected}, got {output_type!r}")
         den = Denoiser(self.model)
         cond = None
         null = None
@@ -65,25 +97,59 @@ class Result:
             if guidance_scale is not None and den.null_class is not None:
                 null = torch.full_like(cond, den.null_class)
         elif den.kind == "text":
+            prompts = _prompt_list(prompts, n)
+            if pipe is not None and self.generator is None:
+                return self._sample_with_pipeline(pipe, prompts, num_inference_steps, seed, guidance_scale,
+                                                  output_type or "pil")
             cond, null = self._encode_prompts(prompts, n)
         if self.generator is not None:
             from .methods.base import get_method
 
-            return get_method(self.method).sample_one_step(self, n, cond, seed)
+            x = get_method(self.method).sample_one_step(self, n, cond, seed)
+            if pipe is not None:
+                from .pipelines import decode_latents
+
+                return decode_latents(pipe, x, output_type or "pil")
+            return x
         steps = num_inference_steps or 50
         return ddim_sample(self.model, self.scheduler, n, cond, steps, seed, guidance_scale, null)
+
+    def _latent_pipeline(self):
+        """The pipeline a latent model samples through (SD/SDXL with a VAE), or None."""
+        pipe = (self.extras or {}).get("pipeline")
+        return pipe if pipe is not None and getattr(pipe, "vae", None) is not None else None
+
+    def _sample_with_pipeline(self, pipe, prompts, steps, seed, guidance_scale, output_type):
+        """The input pipeline's own ``__call__`` with the unlearned UNet swapped in (``from_pipe`` shares
+        every other component; the caller's pipeline is not changed)."""
+        from diffusers.utils import logging
+
+        level = logging.get_verbosity()
+        logging.set_verbosity_error()  # from_pipe's notes about shared components
+        try:
+            drawer = type(pipe).from_pipe(pipe, unet=self.model)
+        finally:
+            logging.set_verbosity(level)
+        drawer.set_progress_bar_config(disable=True)
+        kwargs = {"num_inference_steps": steps or 50, "output_type": output_type,
+                  "generator": torch.Generator().manual_seed(seed)}  # CPU generator: the same draws on any device
+        if guidance_scale is not None:
+            kwargs["guidance_scale"] = guidance_scale
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                images = drawer(prompt=list(prompts), **kwargs).images
+        finally:
+            self.model.train(was_training)
+        return images
 
     def _encode_prompts(self, prompts, n):
         enc = self.extras.get("encode_prompts")
         if enc is None:
             raise InvalidArgumentError("prompts: this result has no text encoder attached; sample through a pipeline")
-        if prompts is None:
-            raise InvalidArgumentError("prompts: a text-conditional model needs prompts")
-        if isinstance(prompts, str):
-            prompts = [prompts] * n
-        if len(prompts) != n:
-            raise InvalidArgumentError(f"prompts: expected {n} prompts, got {len(prompts)}")
-        return enc(list(prompts)), enc([""] * n)
+        prompts = _prompt_list(prompts, n)
+        return enc(prompts), enc([""] * n)
 
     # --------------------------------------------------------------------------------------- saving
     def save(self, path, overwrite: bool = False, fused: Optional[bool] = None) -> Path:

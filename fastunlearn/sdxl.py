@@ -56,10 +56,9 @@ def resolve(pipe, scheduler=None, resolution: Optional[int] = None):
     zeros = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", True))
     encode = prompt_encoder(parts["text_encoder"], parts["text_encoder_2"], parts["tokenizer"], parts["tokenizer_2"],
                             time_ids=(res, res, 0, 0, res, res), zeros_for_empty=zeros)
-    from .pipelines import vae_scale_factor
+    from .pipelines import latent_extras
 
-    return unet, scheduler, {"encode_prompts": encode, "sdxl": True, "resolution": res,
-                             "vae_scale_factor": vae_scale_factor(pipe)}
+    return unet, scheduler, {"encode_prompts": encode, "sdxl": True, "resolution": res, **latent_extras(pipe)}
 
 
 def prompt_encoder(text_encoder, text_encoder_2, tokenizer, tokenizer_2, time_ids=(1024, 1024, 0, 0, 1024, 1024),

@@ -3,53 +3,191 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import torch
 
 from .errors import MissingFileError, bad_type, bad_value
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+_CAPTION_KEYS = ("text", "caption", "prompt")  # the columns datasets' imagefolder and the diffusers scripts use
 
 
-def _load_image_folder(folder: Path, channels: Optional[int] = None) -> torch.Tensor:
-    from PIL import Image
+def _is_pil(x) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow comes with diffusers
+        return False
+    return isinstance(x, Image.Image)
+
+
+def _is_hf_dataset(x) -> bool:
+    """A Hugging Face ``datasets.Dataset`` (checked by its class, so ``datasets`` stays optional)."""
+    return any(c.__module__.startswith("datasets") and c.__name__ == "Dataset" for c in type(x).__mro__)
+
+
+def _pil_to_tensor(images, what: str) -> torch.Tensor:
+    """PIL images → float tensor [N, C, H, W] in [-1, 1]. Grayscale images stay one channel when all of
+    them are grayscale; anything else becomes RGB (alpha dropped), as ``image.convert("RGB")`` in the
+    diffusers training scripts."""
     import numpy as np
 
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
-    if not files:
-        raise MissingFileError(f"images: folder {str(folder)!r} holds no image files ({sorted(_IMAGE_SUFFIXES)})")
+    wide = ("I", "I;16", "F")  # 16-bit / float grayscale: PIL's convert("L") would clip, so scale here
+    gray = all(im.mode in ("1", "L", "LA") + wide for im in images)
     arrays = []
-    for p in files:
-        img = Image.open(p)
-        img = img.convert("L" if channels == 1 else "RGB")
-        arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    for im in images:
+        if im.mode in wide:
+            arr = np.asarray(im, dtype=np.float32)
+            arr = arr / (65535.0 if arr.max() > 255 else 255.0) * 2.0 - 1.0
+            arr = arr if gray else np.repeat(arr[..., None], 3, axis=-1)
+        else:
+            arr = np.asarray(im.convert("L" if gray else "RGB"), dtype=np.float32) / 127.5 - 1.0
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-        arrays.append(torch.from_numpy(arr.copy()))
-    shapes = {a.shape for a in arrays}
+        arrays.append(torch.from_numpy(np.ascontiguousarray(arr)))
+    shapes = {tuple(a.shape) for a in arrays}
     if len(shapes) != 1:
-        raise bad_value("images", "image files of one size", sorted(shapes))
+        raise bad_value(what, "images of one size (resize them to the model's resolution first)", sorted(shapes))
     return torch.stack(arrays)
+
+
+def _read_captions(folder: Path) -> dict:
+    """``file_name -> caption`` from a ``datasets`` imagefolder ``metadata.jsonl`` (``text``/``caption``/
+    ``prompt`` column), or {} without one."""
+    import json
+
+    meta = folder / "metadata.jsonl"
+    if not meta.exists():
+        return {}
+    captions = {}
+    for i, line in enumerate(meta.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise bad_value("images", f"a valid metadata.jsonl (line {i + 1})", str(e)) from None
+        key = next((k for k in _CAPTION_KEYS if k in row), None)
+        if "file_name" in row and key is not None:
+            captions[str(row["file_name"])] = str(row[key])
+    return captions
+
+
+def _load_image_folder(folder: Path):
+    """(images [N, C, H, W] in [-1, 1], captions or None, labels or None) of the image files in ``folder``,
+    sorted by name, in the ``datasets`` imagefolder layout: captions from a ``metadata.jsonl`` next to the
+    files; or one subfolder per class, named by its class id (``3/``) or, for other names, labelled by
+    their sorted position (as imagefolder's ``label`` column)."""
+    from PIL import Image
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+    labels = None
+    if not files:
+        subs = sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                      key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
+        by_class = [(d, sorted(p for p in d.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)) for d in subs]
+        by_class = [(d, f) for d, f in by_class if f]
+        if not by_class:
+            raise MissingFileError(f"images: folder {str(folder)!r} holds no image files ({sorted(_IMAGE_SUFFIXES)}), "
+                                   "directly or in one subfolder per class")
+        numeric = all(d.name.isdigit() for d, _ in by_class)
+        files, labels = [], []
+        for i, (d, f) in enumerate(by_class):
+            files += f
+            labels += [int(d.name) if numeric else i] * len(f)
+        labels = torch.tensor(labels, dtype=torch.long)
+    images = []
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                im.load()
+                images.append(im)
+        except OSError as e:
+            raise bad_value("images", "readable image files", f"{p.name} ({e})") from None
+    captions = _read_captions(folder)
+    prompts = None
+    if captions:
+        names = [str(p.relative_to(folder)) for p in files]
+        missing = [n for n in names if n not in captions]
+        if missing:
+            raise bad_value("images", f"a caption in {folder / 'metadata.jsonl'} for every image", f"none for {missing[:3]}")
+        prompts = [captions[n] for n in names]
+    return _pil_to_tensor(images, "images"), prompts, labels
+
+
+def _from_hf_dataset(ds):
+    """(images, captions or None, labels or None) of a ``datasets`` image dataset: the first ``Image``
+    column, the ``text``/``caption``/``prompt`` column and the ``label`` column when there are ones."""
+    from datasets import Image as ImageFeature
+
+    cols = [c for c, f in ds.features.items() if isinstance(f, ImageFeature)]
+    if not cols:
+        raise bad_value("images", "a datasets.Dataset with an Image column", list(ds.features))
+    images = list(ds[cols[0]])
+    key = next((k for k in _CAPTION_KEYS if k in ds.column_names), None)
+    prompts = [str(p) for p in ds[key]] if key is not None else None
+    labels = torch.as_tensor(ds["label"]) if "label" in ds.column_names else None
+    return _pil_to_tensor(images, "images"), prompts, labels
 
 
 @dataclass
 class DataPoints:
-    """Specific training points: ``images`` [N, C, H, W] in [-1, 1] (or a folder of image files),
-    optional ``labels`` [N] (class-conditional models) or ``prompts`` (N strings, text models)."""
+    """Specific training points to forget or keep.
 
-    images: Union[torch.Tensor, str, Path]
+    ``images`` is one of
+
+    * a float tensor [N, C, H, W] of pixels in [-1, 1] (or in [0, 1] / [0, 255] with ``normalize=True``);
+    * PIL images (a list, or one image), a folder of image files (sorted by name; captions from a
+      ``metadata.jsonl`` as ``datasets``' imagefolder writes it), or a Hugging Face ``datasets`` image
+      dataset (its ``Image`` column, captions from ``text``/``caption``/``prompt``); all mapped to [-1, 1];
+    * latents in the model's own sample space, with ``latents=True`` or ``DataPoints.from_latents(...)``:
+      e.g. Stable Diffusion latents already multiplied by ``vae.config.scaling_factor``; no range check.
+
+    On a latent-space pipeline (one with a VAE) pixel images are encoded once through the pipeline's own
+    VAE when ``erase`` starts, and the methods work on the scaled latents. ``labels`` [N] are class ids
+    (class-conditional models), ``prompts`` N strings (text models; one string is repeated)."""
+
+    images: Any
     labels: Optional[torch.Tensor] = None
     prompts: Optional[Sequence[str]] = None
-    normalize: bool = False  # True: map images from [0, 1] or [0, 255] into [-1, 1] instead of rejecting them
+    normalize: bool = False  # True: map a tensor from [0, 1] or [0, 255] into [-1, 1] instead of rejecting it
+    latents: bool = False  # True: ``images`` are already in the model's sample space (VAE latents, scaled)
+    # Set for images decoded from files or PIL: they may be converted between grayscale and RGB to fit the model.
+    from_files: bool = field(default=False, repr=False)
+
+    @classmethod
+    def from_latents(cls, latents: torch.Tensor, labels=None, prompts=None) -> "DataPoints":
+        """Latents given directly (e.g. ``vae.encode(x).latent_dist.sample() * vae.config.scaling_factor``):
+        used as they are, never encoded again and not range-checked."""
+        return cls(latents, labels=labels, prompts=prompts, latents=True)
 
     def __post_init__(self):
-        if isinstance(self.images, (str, Path)):
-            folder = Path(self.images)
+        if not isinstance(self.latents, bool):
+            raise bad_type("latents", "True or False", self.latents)
+        found_prompts = found_labels = None
+        source = self.images
+        if isinstance(source, (str, Path)):
+            folder = Path(source)
             if not folder.is_dir():
                 raise MissingFileError(f"images: {str(folder)!r} is not a folder of images")
-            self.images = _load_image_folder(folder)
-        if not isinstance(self.images, torch.Tensor):
-            raise bad_type("images", "a float tensor [N, C, H, W] or a folder path", self.images)
+            self.images, found_prompts, found_labels = _load_image_folder(folder)
+        elif _is_pil(source):
+            self.images = _pil_to_tensor([source], "images")
+        elif isinstance(source, (list, tuple)) and source and all(_is_pil(im) for im in source):
+            self.images = _pil_to_tensor(list(source), "images")
+        elif _is_hf_dataset(source):
+            self.images, found_prompts, found_labels = _from_hf_dataset(source)
+        elif not isinstance(source, torch.Tensor):
+            raise bad_type("images", "a float tensor [N, C, H, W], PIL images, a folder path or a datasets "
+                           "image dataset", source)
+        decoded = not isinstance(source, torch.Tensor)
+        if decoded:
+            if self.latents:
+                raise bad_value("latents", "False for image files / PIL images (they are pixels)", True)
+            self.from_files = True
+            if self.prompts is None:
+                self.prompts = found_prompts
+            if self.labels is None:
+                self.labels = found_labels
         if self.images.ndim != 4 or not self.images.is_floating_point():
             raise bad_value("images", "a float tensor of shape [N, C, H, W]",
                             f"{self.images.dtype} tensor of shape {tuple(self.images.shape)}")
@@ -57,14 +195,19 @@ class DataPoints:
             raise bad_value("images", "at least one image", "an empty tensor")
         if not torch.isfinite(self.images).all():
             raise bad_value("images", "finite values", "NaN or inf")
-        if self.normalize:
-            hi = float(self.images.max())
-            scale = 255.0 if hi > 1.0 else 1.0
-            self.images = self.images / scale * 2.0 - 1.0
-        lo, hi = float(self.images.min()), float(self.images.max())
-        if lo < -1.0 - 1e-4 or hi > 1.0 + 1e-4:
-            raise bad_value("images", "values in [-1, 1] (pass normalize=True to rescale [0, 1] or [0, 255] data)",
-                            f"range [{lo:.3g}, {hi:.3g}]")
+        if self.latents:
+            if self.normalize:
+                raise bad_value("normalize", "False for latents (they are not pixels)", True)
+        elif not decoded:  # files and PIL images were mapped to [-1, 1] above: never rescale them again
+            if self.normalize:
+                hi = float(self.images.max())
+                scale = 255.0 if hi > 1.0 else 1.0
+                self.images = self.images / scale * 2.0 - 1.0
+            lo, hi = float(self.images.min()), float(self.images.max())
+            if lo < -1.0 - 1e-4 or hi > 1.0 + 1e-4:
+                raise bad_value("images", "values in [-1, 1] for pixels (pass normalize=True to rescale [0, 1] "
+                                "or [0, 255] data; latents already in the model's sample space go in with "
+                                "DataPoints.from_latents(...) or latents=True)", f"range [{lo:.3g}, {hi:.3g}]")
         n = self.images.shape[0]
         if self.labels is not None:
             self.labels = torch.as_tensor(self.labels)
@@ -83,6 +226,31 @@ class DataPoints:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def __repr__(self) -> str:  # one line: the tensors are summarised, never printed
+        shape = "x".join(str(d) for d in self.images.shape[1:])
+        parts = [f"{len(self)} {'latents' if self.latents else 'images'} {shape}"]
+        if self.labels is not None:
+            parts.append(f"labels={sorted(set(self.labels.tolist()))[:10]}")
+        if self.prompts is not None:
+            uniq = list(dict.fromkeys(self.prompts))
+            parts.append(f"prompts={uniq[:3]!r}" + (f" (+{len(uniq) - 3} more)" if len(uniq) > 3 else ""))
+        return f"DataPoints({', '.join(parts)})"
+
+    def pixels(self, channels: int, what: str = "images", expected: Optional[str] = None) -> torch.Tensor:
+        """The images with ``channels`` channels: images from files / PIL convert between grayscale and RGB
+        (as ``image.convert``), tensors must already have them (else an error naming ``what``, saying
+        ``expected``)."""
+        x = self.images
+        c = x.shape[1]
+        if c == channels:
+            return x
+        if self.from_files and (c, channels) == (1, 3):
+            return x.expand(-1, 3, -1, -1).clone()
+        if self.from_files and (c, channels) == (3, 1):  # ITU-R 601-2 luma, what PIL's convert("L") computes
+            w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(1, 3, 1, 1)
+            return (x * w).sum(1, keepdim=True)
+        raise bad_value(what, expected or f"{channels} channel(s) to match the model", tuple(x.shape))
 
 
 @dataclass

@@ -52,12 +52,27 @@ def tiny_tokenizer(words: Iterable[str] = WORDS, max_length: int = 16):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
+def tiny_vae(sample_size: int = 16, seed: int = 1, latent_channels: int = 4, scaling_factor: float = 0.18215):
+    """A random-weight two-level ``AutoencoderKL`` (RGB ↔ ``latent_channels`` at half the size: VAE scale
+    factor 2), with Stable Diffusion's ``scaling_factor``."""
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                             latent_channels=latent_channels, norm_num_groups=4, sample_size=sample_size,
+                             scaling_factor=scaling_factor).eval()
+
+
 def tiny_text_pipeline(seed: int = 0, sample_size: int = 8, hidden: int = 32, max_length: int = 16,
-                       words: Optional[Iterable[str]] = None, in_channels: int = 4, scheduler=None):
-    """A random-weight ``StableDiffusionPipeline`` (no VAE, no safety checker) small enough for CPU tests:
-    UNet ``in_channels``x8x8 with blocks (32, 64), cross-attention in the outer blocks, CLIP text encoder
-    with 2 layers of width ``hidden``, tokenizer of ``max_length`` tokens, and ``scheduler`` (default: DDPM
-    scaled-linear, SD's)."""
+                       words: Optional[Iterable[str]] = None, in_channels: int = 4, scheduler=None,
+                       with_vae: bool = False):
+    """A random-weight ``StableDiffusionPipeline`` (no safety checker) small enough for CPU tests: UNet
+    ``in_channels``x8x8 with blocks (32, 64), cross-attention in the outer blocks, CLIP text encoder with 2
+    layers of width ``hidden``, tokenizer of ``max_length`` tokens, and ``scheduler`` (default: DDPM
+    scaled-linear, SD's). Without a VAE (default) the UNet works in pixel space; ``with_vae=True`` adds
+    ``tiny_vae`` (RGB pixels at 2x ``sample_size``, a latent-space pipeline like the real ones)."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -77,7 +92,8 @@ def tiny_text_pipeline(seed: int = 0, sample_size: int = 8, hidden: int = 32, ma
     if scheduler is None:
         scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                                   beta_end=0.012, clip_sample=False, steps_offset=1, prediction_type="epsilon")
-    return StableDiffusionPipeline(vae=None, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+    vae = tiny_vae(2 * sample_size, latent_channels=in_channels) if with_vae else None
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
 

@@ -16,26 +16,11 @@ CONCEPT_METHODS = sorted(n for n, cls in REGISTRY.items() if "concept" in cls.ta
 FAST_OPTIONS = {"esd": {"ddim_steps": 3}, "erasediff": {"n_generate": 4, "generate_steps": 2}}
 
 
-def tiny_vae(sample_size=16):
-    from diffusers import AutoencoderKL
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                             norm_num_groups=4, sample_size=sample_size).eval()
-
-
 def tiny_sd():
-    """fastunlearn.text's tiny SD pipeline with a tiny VAE attached, so that it generates images."""
-    from diffusers import StableDiffusionPipeline
-
+    """fastunlearn.text's tiny SD pipeline with its tiny VAE, so that it generates images."""
     from fastunlearn.text import tiny_text_pipeline
 
-    p = tiny_text_pipeline(seed=0)
-    return StableDiffusionPipeline(vae=tiny_vae(), text_encoder=p.text_encoder, tokenizer=p.tokenizer, unet=p.unet,
-                                   scheduler=p.scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    return tiny_text_pipeline(seed=0, with_vae=True)
 
 
 def tiny_xl():

@@ -19,15 +19,20 @@ def pipe():
     return tiny_text_pipeline(seed=0)
 
 
-def _images(n, seed=0):
-    return torch.rand(n, 4, 8, 8, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+def _digits(n, start=0):
+    """Real pictures: scikit-learn digits upscaled to the latent pipeline's 16 px, as RGB PIL images."""
+    images, _ = fu.datasets.digits_pil(16, n=start + n, mode="RGB")
+    return images[start:]
 
 
 @pytest.mark.parametrize("method", ["siss", "naive", "neggrad"])
-def test_data_methods_take_images_with_prompts_on_a_pipeline(pipe, method):
+def test_data_methods_take_images_with_prompts_on_a_pipeline(method):
+    # A latent pipeline (VAE included) and real pixel images: encoded through its VAE, trained on latents.
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    pipe = tiny_text_pipeline(seed=0, with_vae=True)
     before = copy.deepcopy(pipe.unet.state_dict())
-    forget = fu.DataPoints(_images(2), prompts=PROMPTS[:1] * 2)
-    retain = fu.DataPoints(_images(4, 1), prompts=PROMPTS)
+    forget = fu.DataPoints(_digits(2), prompts=PROMPTS[:1] * 2)
+    retain = fu.DataPoints(_digits(4, 2), prompts=PROMPTS)
     res = fu.erase(pipe, forget=forget, retain=retain, method=method, steps=2, batch_size=2, progress=False)
     assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())  # input untouched
     changed = [n for n, p in res.model.named_parameters() if not torch.equal(p, before[n])]
@@ -37,9 +42,10 @@ def test_data_methods_take_images_with_prompts_on_a_pipeline(pipe, method):
 
 
 def test_prompts_need_the_text_encoder(pipe):
+    x = fu.datasets.digits().images[:6].expand(-1, 4, -1, -1)  # real digits, in the 4-channel UNet's space
     with pytest.raises(InvalidArgumentError, match="^model"):
-        fu.erase(pipe.unet, forget=fu.DataPoints(_images(2), prompts=PROMPTS[:2]),
-                 retain=fu.DataPoints(_images(4, 1), prompts=PROMPTS), method="siss",
+        fu.erase(pipe.unet, forget=fu.DataPoints(x[:2], prompts=PROMPTS[:2]),
+                 retain=fu.DataPoints(x[2:], prompts=PROMPTS), method="siss",
                  scheduler=pipe.scheduler, steps=1, progress=False)
 
 
