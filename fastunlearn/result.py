@@ -125,7 +125,8 @@ class Result:
         # A run folder that holds only erase(output_dir=...)'s checkpoints takes the result next to them.
         into_run_folder = path.is_dir() and _only_checkpoints(path)
         if path.exists() and not overwrite and not into_run_folder and any(path.iterdir()):
-            raise InvalidArgumentError(f"path: {str(path)!r} exists and is not empty; pass overwrite=True to replace it")
+            raise InvalidArgumentError(f"path: {str(path)!r} exists; pass overwrite=True to replace it (an empty "
+                                       "folder is used as it is)")
         parts = self._pipeline_parts(pipeline)
         if parts is not None and fused is False:
             raise InvalidArgumentError("fused: True or None with pipeline=True (a pipeline folder holds the full "
@@ -549,9 +550,10 @@ def load(path, base=None) -> Result:
     level = diffusers.utils.logging.get_verbosity()
     diffusers.utils.logging.set_verbosity_error()  # another scheduler class's keys (SDXL's Euler) are ignored
     try:  # the training noise schedule (scheduler/ is what a diffusers user samples with)
+        scheduler = DDPMScheduler.from_pretrained(path / "scheduler")  # read even when replaced: a check
         training = meta.pop("training_scheduler", None)
-        scheduler = (DDPMScheduler.from_config(training) if isinstance(training, dict)
-                     else DDPMScheduler.from_pretrained(path / "scheduler"))
+        if isinstance(training, dict):
+            scheduler = DDPMScheduler.from_config(training)
     except Exception as e:
         raise CorruptResultError(f"{path / 'scheduler'}: unreadable scheduler config ({e})") from e
     finally:

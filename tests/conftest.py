@@ -63,3 +63,39 @@ def poison_kernels(monkeypatch):
     from fastunlearn.kernels import _common
 
     monkeypatch.setattr(_common, "POISON", True)
+
+
+def tiny_vae(sample_size=16):
+    """A random two-level VAE (scale factor 2) for the tiny SD pipeline."""
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                             norm_num_groups=4, sample_size=sample_size).eval()
+
+
+def tiny_sd():
+    """fastunlearn.text's tiny SD pipeline with a tiny VAE attached, so that it generates images."""
+    from diffusers import StableDiffusionPipeline
+
+    from fastunlearn.text import tiny_text_pipeline
+
+    p = tiny_text_pipeline(seed=0)
+    return StableDiffusionPipeline(vae=tiny_vae(), text_encoder=p.text_encoder, tokenizer=p.tokenizer, unet=p.unet,
+                                   scheduler=p.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def tiny_xl():
+    from fastunlearn.sdxl import tiny_sdxl_pipeline
+
+    return tiny_sdxl_pipeline(seed=0)
+
+
+@pytest.fixture
+def tiny_pipelines():
+    """Builders of the tiny random-weight SD (with VAE) and SDXL pipelines: {"sd": fn, "sdxl": fn}; the same
+    seed gives the same weights, as from_pretrained of one folder would."""
+    return {"sd": tiny_sd, "sdxl": tiny_xl}
