@@ -172,7 +172,8 @@ def erase(model, forget, retain=None, method: Optional[str] = None, scheduler=No
           lora_rank: Optional[int] = None, precision=None, optimizer=None, gradient_checkpointing=None,
           attention=None, compile=None, resolution=None, output_dir=None, checkpoint_every=None, resume=False,
           progress: bool = True, tf32=None, max_nonfinite: int = 10, keep_checkpoints: int = 2,
-          offload_input: bool = True, variant: Optional[str] = None, torch_dtype=None, **method_options) -> Result:
+          offload_input: bool = True, variant: Optional[str] = None, torch_dtype=None, callback=None,
+          **method_options) -> Result:
     """Make ``model`` forget ``forget`` while keeping ``retain``; see the README for the full contract."""
     # ---------------------------------------------------------------- validate everything first
     kind = _target_kind(forget)
@@ -218,6 +219,8 @@ def erase(model, forget, retain=None, method: Optional[str] = None, scheduler=No
     _distributed.check_args(checkpoint_every, resume)
     if not isinstance(offload_input, bool):
         raise bad_type("offload_input", "True or False", offload_input)
+    if callback is not None and not callable(callback):
+        raise bad_type("callback", "a function callback(step, result) called after every step", callback)
     opts = cls.resolve_options(method_options)
     torch_dtype = _check_load_options(model, variant, torch_dtype)
 
@@ -291,9 +294,13 @@ def erase(model, forget, retain=None, method: Optional[str] = None, scheduler=No
         opt = make_optimizer(optimizer, params, lr, betas=d.get("betas", (0.9, 0.999)),
                              weight_decay=d.get("weight_decay", 0.0), eps=d.get("eps", 1e-8))
         start_step, history = ckpt.restore(run, m, opt) if ckpt is not None else (0, [])
+        # callback(step, view): the model in training as a Result (e.g. for validation samples every N steps)
+        view = Result(model=run.model, scheduler=scheduler, method=method, options=opts, extras=extras)
+        hooks = [h for h in (ckpt.on_step_end if ckpt is not None else None,
+                             (lambda step, _history: callback(step, view)) if callback is not None else None) if h]
         history = train(m, opt, steps, seed, start_step=start_step, history=history,
-                        progress=progress and (dp is None or dp.rank == 0),
-                        max_nonfinite=max_nonfinite, on_step_end=ckpt.on_step_end if ckpt is not None else None)
+                        progress=progress and (dp is None or dp.rank == 0), max_nonfinite=max_nonfinite,
+                        on_step_end=(lambda step, h: [f(step, h) for f in hooks]) if hooks else None)
         drift = dp.detach() if dp is not None else None
         applied.release()
         seconds = time.perf_counter() - t_start

@@ -344,12 +344,14 @@ def _jsonable_default(x):
     return repr(x)
 
 
-def _only_checkpoints(folder: Path) -> bool:
-    """True for a folder whose visible entries are just erase()'s ``checkpoints/`` (no result yet)."""
-    from .checkpoint import CHECKPOINTS
+RUN_FOLDERS = ("checkpoints", "validation")  # what a run writes into its output folder before the result
 
+
+def _only_checkpoints(folder: Path) -> bool:
+    """True for a folder whose visible entries are just a run's ``checkpoints/`` (erase(output_dir=...)) and
+    ``validation/`` (the CLI's --validation_prompt samples): no result yet."""
     names = {e.name for e in folder.iterdir() if not e.name.startswith(".")}
-    return names == {CHECKPOINTS}
+    return bool(names) and names <= set(RUN_FOLDERS)
 
 
 def _check_finite(model, what: str) -> None:
