@@ -1,4 +1,10 @@
-"""Command line: ``fastunlearn demo | erase | ...`` (diffusers' flag names where they exist)."""
+"""Command line: ``fastunlearn demo | erase | ...``.
+
+Flags take the diffusers training scripts' names and style (``--pretrained_model_name_or_path``,
+``--output_dir``, ``--max_train_steps``, ``--learning_rate``, underscores); the earlier short names (``--model``,
+``--out``, ``--steps``, ``--lr``, dashed forms) stay as aliases. ``erase`` checks its output folder and numbers
+before loading anything, and its errors name the flag, not ``erase()``'s Python argument.
+"""
 from __future__ import annotations
 
 import argparse
@@ -81,12 +87,15 @@ def _check_erase_args(args) -> None:
             fail(f"{flag}: expected an int >= {lo}, got {v}")
     if args.lr is not None and not args.lr > 0:
         fail(f"--learning_rate: expected a positive number, got {args.lr}")
+    is_pipeline = args.model == "digits_text" or (Path(args.model) / "model_index.json").exists()
+    if args.save_pipeline and not is_pipeline:
+        fail(f"--save_pipeline: needs a pipeline as --pretrained_model_name_or_path (a folder with "
+             f"model_index.json, or digits_text), got {args.model!r}")
     if args.validation_prompt is not None:
         if args.method == "sfd":
             fail("--validation_prompt: not available with --method sfd (its one-step generator exists only at the "
                  "end of the run); evaluate the result instead")
-        model = Path(args.model)
-        if args.model != "digits_text" and not (model / "model_index.json").exists():
+        if not is_pipeline:
             fail("--validation_prompt: needs a text-to-image pipeline (a pipeline folder or digits_text), got "
                  f"{args.model!r}")
 

@@ -526,10 +526,14 @@ def _load_model(folder: Path):
     return model.eval()
 
 
-def load(path, base=None) -> Result:
+def load(path, base=None, torch_dtype=None) -> Result:
     """A saved result back. Only safetensors and JSON are read: nothing is unpickled. A LoRA-only
     result needs its base model: ``base=`` (folder, diffusers model or pipeline) or the folder recorded
-    at save time."""
+    at save time. ``torch_dtype`` (e.g. ``torch.float16`` or "float16") casts the loaded networks."""
+    if torch_dtype is not None:
+        from .api import _check_load_options
+
+        torch_dtype = _check_load_options(str(path), None, torch_dtype)
     from diffusers import DDPMScheduler
 
     path = Path(path)
@@ -566,6 +570,9 @@ def load(path, base=None) -> Result:
         generator = _load_model(path / "unet")
     else:
         generator = _load_model(path / "generator") if (path / "generator").is_dir() else None
+    if torch_dtype is not None:
+        model = model.to(torch_dtype)
+        generator = generator.to(torch_dtype) if generator is not None else None
     method = meta.pop("method", None)
     options = meta.pop("options", {})
     history = meta.pop("history", [])

@@ -71,6 +71,7 @@ def test_existing_output_dir_fails_before_any_training(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
 
 
+@pytest.mark.slow
 def test_validation_prompt_writes_samples_and_the_pipeline_is_saved(tmp_path):
     out = tmp_path / "run"
     out.mkdir()  # an existing empty folder is fine
@@ -89,6 +90,8 @@ def test_validation_prompt_writes_samples_and_the_pipeline_is_saved(tmp_path):
     r = _cli("erase", "--model", "digits", "--classes", "3", "--validation_prompt", "a cat", "--output_dir",
              str(tmp_path / "y"))
     assert r.returncode != 0 and "--validation_prompt" in r.stderr
+    r = _cli("erase", "--model", "digits", "--classes", "3", "--save_pipeline", "--output_dir", str(tmp_path / "y"))
+    assert r.returncode != 0 and "--save_pipeline" in r.stderr and not (tmp_path / "y").exists()
 
 
 def test_help_lists_help_and_defaults_for_every_flag():

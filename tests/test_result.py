@@ -57,3 +57,10 @@ def test_pipeline_needs_a_pipeline(result, tmp_path):
     with pytest.raises(InvalidArgumentError, match="^pipeline"):
         result.save(tmp_path / "p", pipeline=str(tmp_path))
     assert not (tmp_path / "p").exists()
+
+
+def test_load_casts_with_torch_dtype(result, tmp_path):
+    out = result.save(tmp_path / "r")
+    assert next(fu.load(out, torch_dtype="float16").model.parameters()).dtype == torch.float16
+    with pytest.raises(InvalidArgumentError, match="^torch_dtype"):
+        fu.load(out, torch_dtype="float64")
