@@ -330,6 +330,9 @@ def model_card(meta: dict, pipeline: bool = False) -> str:
         lines += ["pipe = DiffusionPipeline.from_pretrained(BASE)  # the base model above",
                   'pipe.load_lora_weights("DIR")' + ("  # the one-step generator" if sfd else "")]
     lines += ["", "import fastunlearn as fu", 'res = fu.load("DIR")  # the Result: res.sample(...), res.model', "```"]
+    if pipeline and lora:
+        lines += ["", "`pytorch_lora_weights.safetensors` is the same edit as a LoRA for the base model: load it into "
+                  "the base (`load_lora_weights`), not into this pipeline, whose UNet already holds it."]
     if sfd:
         lines += ["", "`unet/` (and the LoRA file) is SFD's one-step generator; `scheduler/` samples it in one step "
                   "(Euler at the generator's noise level); the fake score is in `fake_score/`."]
