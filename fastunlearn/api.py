@@ -56,22 +56,23 @@ def default_method(forget, retain) -> str:
     return choice
 
 
-def resolve_model(model, scheduler, resolution=None):
+def resolve_model(model, scheduler, resolution=None, variant=None, torch_dtype=None):
     """(denoiser module, scheduler, extras) from a diffusers model, a pipeline, or a local folder (of a
-    model, a pipeline or a result). ``resolution`` reaches SDXL's ``time_ids``."""
+    model, a pipeline or a result). ``resolution`` reaches SDXL's ``time_ids``; ``variant`` / ``torch_dtype``
+    are diffusers' ``from_pretrained`` options for a folder."""
     from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
     if isinstance(model, (str, Path)):
         folder = Path(model)
         if not folder.exists():
             raise MissingFileError(f"model: {str(folder)!r} does not exist (fastunlearn never downloads models)")
+        if (folder / "model_index.json").exists():  # a pipeline folder (a result saved with pipeline=True too)
+            model = _pipeline_resolver().load_pipeline(folder, variant=variant, torch_dtype=torch_dtype)
+            return _pipeline_resolver().resolve(model, scheduler, resolution=resolution)
         if (folder / "fastunlearn.json").exists():
             from .result import load
             res = load(folder)
             return res.model, scheduler or res.scheduler, {}
-        if (folder / "model_index.json").exists():  # a pipeline folder: its text encoders come with it
-            model = _pipeline_resolver().load_pipeline(folder)
-            return _pipeline_resolver().resolve(model, scheduler, resolution=resolution)
         unet_dir = folder / "unet" if (folder / "unet" / "config.json").exists() else folder
         if not (unet_dir / "config.json").exists():
             raise MissingFileError(f"model: {str(folder)!r} has no config.json (expected a diffusers model folder)")
@@ -85,8 +86,9 @@ def resolve_model(model, scheduler, resolution=None):
         if not any(unet_dir.glob("*.safetensors")):
             raise MissingFileError(f"model: {str(unet_dir)!r} has no .safetensors weights (fastunlearn never loads "
                                    "pickled .bin/.pt/.ckpt files)")
+        variant = _pipeline_resolver().weights_variant(unet_dir, variant)
         try:
-            unet = load_unet(unet_dir)
+            unet = load_unet(unet_dir, variant=variant, torch_dtype=torch_dtype)
         except Exception as e:
             from .errors import CorruptResultError
             raise CorruptResultError(f"model: could not load {str(unet_dir)!r} ({str(e)[:300]})") from e
@@ -114,6 +116,26 @@ def _pipeline_resolver():
         return pipelines
     except ImportError:
         return None
+
+
+TORCH_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check_load_options(model, variant, torch_dtype):
+    """``variant`` / ``torch_dtype``: diffusers' loading options, for a model given as a folder; the dtype
+    as a ``torch.dtype`` (a name such as "float16" is accepted)."""
+    if variant is not None and not isinstance(variant, str):
+        raise bad_type("variant", "a weights variant name such as 'fp16'", variant)
+    if isinstance(torch_dtype, str):
+        if torch_dtype not in TORCH_DTYPES:
+            raise bad_value("torch_dtype", " | ".join(TORCH_DTYPES) + " (or a torch.dtype)", torch_dtype)
+        torch_dtype = getattr(torch, torch_dtype)
+    if torch_dtype is not None and torch_dtype not in tuple(getattr(torch, n) for n in TORCH_DTYPES):
+        raise bad_value("torch_dtype", " | ".join(f"torch.{n}" for n in TORCH_DTYPES), torch_dtype)
+    if (variant is not None or torch_dtype is not None) and not isinstance(model, (str, Path)):
+        raise bad_value("variant" if variant is not None else "torch_dtype",
+                        "None unless model is a folder (they are options of loading it)", variant or torch_dtype)
+    return torch_dtype
 
 
 def _check_int(name, value, lo=1):
@@ -188,7 +210,8 @@ def erase(model, forget, retain=None, method: Optional[str] = None, scheduler=No
           lora_rank: Optional[int] = None, precision=None, optimizer=None, gradient_checkpointing=None,
           attention=None, compile=None, resolution=None, output_dir=None, checkpoint_every=None, resume=False,
           progress: bool = True, tf32=None, max_nonfinite: int = 10, keep_checkpoints: int = 2,
-          offload_input: bool = True, **method_options) -> Result:
+          offload_input: bool = True, variant: Optional[str] = None, torch_dtype=None, callback=None,
+          **method_options) -> Result:
     """Make ``model`` forget ``forget`` while keeping ``retain``; see the README for the full contract."""
     # ---------------------------------------------------------------- validate everything first
     kind = _target_kind(forget)
@@ -234,9 +257,12 @@ def erase(model, forget, retain=None, method: Optional[str] = None, scheduler=No
     _distributed.check_args(checkpoint_every, resume)
     if not isinstance(offload_input, bool):
         raise bad_type("offload_input", "True or False", offload_input)
+    if callback is not None and not callable(callback):
+        raise bad_type("callback", "a function callback(step, result) called after every step", callback)
     opts = cls.resolve_options(method_options)
+    torch_dtype = _check_load_options(model, variant, torch_dtype)
 
-    unet, scheduler, extras = resolve_model(model, scheduler, resolution)
+    unet, scheduler, extras = resolve_model(model, scheduler, resolution, variant=variant, torch_dtype=torch_dtype)
     if isinstance(model, (str, Path)) and _distributed.world_size() > 1:
         unet = unet.to(_distributed.device())  # loaded here, so ours to move: each process on its own device
     den = Denoiser(unet)
@@ -316,9 +342,13 @@ def erase(model, forget, retain=None, method: Optional[str] = None, scheduler=No
         opt = make_optimizer(optimizer, params, lr, betas=d.get("betas", (0.9, 0.999)),
                              weight_decay=d.get("weight_decay", 0.0), eps=d.get("eps", 1e-8))
         start_step, history = ckpt.restore(run, m, opt) if ckpt is not None else (0, [])
+        # callback(step, view): the model in training as a Result (e.g. for validation samples every N steps)
+        view = Result(model=run.model, scheduler=scheduler, method=method, options=opts, extras=extras)
+        hooks = [h for h in (ckpt.on_step_end if ckpt is not None else None,
+                             (lambda step, _history: callback(step, view)) if callback is not None else None) if h]
         history = train(m, opt, steps, seed, start_step=start_step, history=history,
-                        progress=progress and (dp is None or dp.rank == 0),
-                        max_nonfinite=max_nonfinite, on_step_end=ckpt.on_step_end if ckpt is not None else None)
+                        progress=progress and (dp is None or dp.rank == 0), max_nonfinite=max_nonfinite,
+                        on_step_end=(lambda step, h: [f(step, h) for f in hooks]) if hooks else None)
         drift = dp.detach() if dp is not None else None
         applied.release()
         seconds = time.perf_counter() - t_start

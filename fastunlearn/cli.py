@@ -1,4 +1,10 @@
-"""Command line: ``fastunlearn demo | erase | ...`` (diffusers' flag names where they exist)."""
+"""Command line: ``fastunlearn demo | erase | ...``.
+
+Flags take the diffusers training scripts' names and style (``--pretrained_model_name_or_path``,
+``--output_dir``, ``--max_train_steps``, ``--learning_rate``, underscores); the earlier short names (``--model``,
+``--out``, ``--steps``, ``--lr``, dashed forms) stay as aliases. ``erase`` checks its output folder and numbers
+before loading anything, and its errors name the flag, not ``erase()``'s Python argument.
+"""
 from __future__ import annotations
 
 import argparse
@@ -26,12 +32,116 @@ _DATA_METHODS = ("siss", "siss-nois", "naive", "neggrad")
 _DATA_FREE = ("esd", "sfd")  # they refuse retain images
 
 
+# erase()'s argument names -> the flags that set them, so that errors name what the user typed
+_FLAGS = {"model": "--pretrained_model_name_or_path", "method": "--method", "steps": "--max_train_steps",
+          "batch_size": "--train_batch_size", "lr": "--learning_rate", "seed": "--seed", "lora_rank": "--rank",
+          "precision": "--mixed_precision", "resolution": "--resolution", "output_dir": "--output_dir",
+          "path": "--output_dir", "overwrite": "--overwrite", "checkpoint_every": "--checkpointing_steps",
+          "resume": "--resume_from_checkpoint", "variant": "--variant", "retain": "--retain",
+          "optimizer": "--use_8bit_adam", "attention": "--enable_xformers_memory_efficient_attention"}
+
+
+def _flag_error(message: str, args) -> str:
+    """``"lr: expected ..."`` -> ``"--learning_rate: expected ..."`` (method options: ``--option NAME``)."""
+    head, sep, rest = message.partition(":")
+    if not sep or " " in head:
+        return message
+    name = head.split(".")[0]
+    target = "--classes" if args.classes else "--concept" if args.concept else "--data"
+    flag = {**_FLAGS, "forget": target}.get(name)
+    if flag is None:
+        from .methods import REGISTRY
+
+        if any(name in cls.options for cls in REGISTRY.values()):
+            flag = f"--option {name}"
+    if flag is None:
+        return message
+    return f"{flag}{head[len(name):]}{sep}{rest}"
+
+
+def _check_erase_args(args) -> None:
+    """What can be checked before anything is loaded: the output folder first (found at save time, after the
+    training, it would cost the whole run)."""
+    from pathlib import Path
+
+    from .result import RUN_FOLDERS
+
+    def fail(msg):
+        raise SystemExit(f"fastunlearn erase: error: {msg}")
+
+    out = Path(args.result_dir or args.output_dir)
+    if out.exists() and not out.is_dir():
+        fail(f"--output_dir: {str(out)!r} is a file, expected a folder")
+    if out.is_dir() and not args.overwrite:
+        names = {e.name for e in out.iterdir() if not e.name.startswith(".")}
+        resumable = args.resume_from_checkpoint and names <= set(RUN_FOLDERS)
+        if names and not resumable:
+            fail(f"--output_dir: {str(out)!r} exists and is not empty; pass --overwrite to replace it"
+                 + (" (or --resume_from_checkpoint latest to continue its run)" if "checkpoints" in names else ""))
+    for flag, v, lo in (("--max_train_steps", args.steps, 1), ("--train_batch_size", args.batch_size, 1),
+                        ("--rank", args.rank, 1), ("--resolution", args.resolution, 8),
+                        ("--checkpointing_steps", args.checkpoint_every, 1), ("--validation_steps",
+                                                                              args.validation_steps, 1),
+                        ("--num_validation_images", args.num_validation_images, 1)):
+        if v is not None and v < lo:
+            fail(f"{flag}: expected an int >= {lo}, got {v}")
+    if args.lr is not None and not args.lr > 0:
+        fail(f"--learning_rate: expected a positive number, got {args.lr}")
+    is_pipeline = args.model == "digits_text" or (Path(args.model) / "model_index.json").exists()
+    if args.save_pipeline and not is_pipeline:
+        fail(f"--save_pipeline: needs a pipeline as --pretrained_model_name_or_path (a folder with "
+             f"model_index.json, or digits_text), got {args.model!r}")
+    if args.validation_prompt is not None:
+        if args.method == "sfd":
+            fail("--validation_prompt: not available with --method sfd (its one-step generator exists only at the "
+                 "end of the run); evaluate the result instead")
+        if not is_pipeline:
+            fail("--validation_prompt: needs a text-to-image pipeline (a pipeline folder or digits_text), got "
+                 f"{args.model!r}")
+
+
+def _validation_writer(args):
+    """``erase(callback=...)``: every ``--validation_steps`` steps, sample
+    ``--num_validation_images`` images of ``--validation_prompt`` with the model in training and write them as
+    one grid, ``OUTPUT_DIR/validation/step-NNNNNN.png``, as the diffusers training scripts log theirs."""
+    if args.validation_prompt is None:
+        return None
+    import os
+    from pathlib import Path
+
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+    from diffusers.utils import make_image_grid
+
+    from .distributed import is_main_process
+
+    folder = Path(args.result_dir or args.output_dir) / "validation"
+
+    def write(step: int, view) -> None:
+        if step % args.validation_steps or not is_main_process():
+            return
+        n = args.num_validation_images
+        images = view.sample(n, prompts=[args.validation_prompt] * n, num_inference_steps=args.num_inference_steps,
+                             seed=args.seed)
+        if isinstance(images, torch.Tensor):  # [-1, 1] tensors (pixel models); a latent model's images come decoded
+            x = ((images.float().clamp(-1, 1) + 1) / 2)[:, :3].permute(0, 2, 3, 1).cpu().numpy()
+            images = VaeImageProcessor.numpy_to_pil(x)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step-{step:06d}.png"
+        tmp = folder / f".{path.name}.tmp-{os.getpid()}.png"
+        make_image_grid(list(images), rows=1, cols=len(images)).save(tmp)
+        os.replace(tmp, path)
+
+    return write
+
+
 def _erase(args):
     import torch
 
     import fastunlearn as fu
     from .errors import FastUnlearnError
 
+    _check_erase_args(args)
     try:
         forget = retain = None
         if args.classes:
@@ -58,65 +168,127 @@ def _erase(args):
                 if args.method in _DATA_METHODS:
                     forget = fu.DataPoints(data.images[hit], labels=data.labels[hit])
         options = dict(_parse_option(o) for o in args.option)
+        callback = _validation_writer(args)
+        resume = args.resume_from_checkpoint is not None
+        out = args.result_dir or args.output_dir
         res = fu.erase(model, forget=forget, retain=retain, method=args.method, scheduler=scheduler,
                        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                        lora_rank=args.rank, precision=args.mixed_precision, optimizer="adamw8bit" if args.use_8bit_adam else None,
                        gradient_checkpointing=args.gradient_checkpointing or None,
                        attention="xformers" if args.enable_xformers_memory_efficient_attention else None,
-                       output_dir=args.out if (args.checkpoint_every or args.resume) else None,
-                       checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.no_progress,
+                       resolution=args.resolution, variant=args.variant, callback=callback,
+                       output_dir=out if (args.checkpoint_every or resume) else None,
+                       checkpoint_every=args.checkpoint_every, resume=resume, progress=not args.no_progress,
                        **options)
         from .distributed import is_main_process
 
         if not is_main_process():  # accelerate launch: every process trained the same weights; one writes
             return
-        path = res.save(args.result_dir or args.out, overwrite=args.overwrite)
+        path = res.save(out, overwrite=args.overwrite, pipeline=args.save_pipeline)
     except FastUnlearnError as e:
-        print(f"fastunlearn erase: error: {e}", file=sys.stderr)
+        print(f"fastunlearn erase: error: {_flag_error(str(e), args)}", file=sys.stderr)
         raise SystemExit(2)
     print(f"saved {path} ({res.meta['seconds']:.1f} s)")
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Help with each flag's default, as the diffusers scripts show them ("default: the method's" for None)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or action.option_strings == []:
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreConstAction)):
+            return f"{text} (default: off)"
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .api import PRECISIONS
+    from .methods import REGISTRY
+
     ap = argparse.ArgumentParser(prog="fastunlearn", description="Make a diffusion model forget.")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="erase one digit from the bundled digits model with SISS (the main job)")
-    d.add_argument("--out", default="fastunlearn-demo", help="output folder (picture, metrics, model)")
-    d.add_argument("--digit", type=int, default=3, choices=range(10))
-    d.add_argument("--steps", type=int, default=None)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--no-progress", action="store_true")
+    d = sub.add_parser("demo", help="erase one digit from the bundled digits model with SISS (the main job)",
+                       formatter_class=_Formatter)
+    d.add_argument("--output_dir", "--out", dest="out", default="fastunlearn-demo",
+                   help="output folder (picture, metrics, model)")
+    d.add_argument("--digit", type=int, default=3, choices=range(10), help="the digit to forget")
+    d.add_argument("--max_train_steps", "--steps", dest="steps", type=int, metavar="N", default=None,
+                   help="training steps (default: SISS's, see the README's defaults table)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the training draws and the samples")
+    d.add_argument("--no_progress", "--no-progress", dest="no_progress", action="store_true",
+                   help="no progress bar")
     d.set_defaults(func=_demo)
 
-    e = sub.add_parser("erase", help="run one unlearning method and save the result")
-    e.add_argument("--model", required=True, help="a diffusers model or pipeline folder, or 'digits' / 'digits_text' (bundled)")
-    e.add_argument("--method", default=None)
+    e = sub.add_parser("erase", help="run one unlearning method and save the result", formatter_class=_Formatter,
+                       description="Flags follow the diffusers training scripts (--pretrained_model_name_or_path, "
+                                   "--output_dir, --max_train_steps, ...); the older short names still work.")
+    e.add_argument("--pretrained_model_name_or_path", "--model", dest="model", metavar="PATH", required=True,
+                   help="a local diffusers pipeline or model folder, or 'digits' / 'digits_text' (bundled); "
+                        "never downloaded")
+    e.add_argument("--variant", default=None,
+                   help="weights variant of the folder, e.g. fp16 (default: found when the folder holds only one)")
+    e.add_argument("--method", default=None, choices=sorted(REGISTRY),
+                   help="the unlearning method (default: picked by target: siss for --data, esd for --classes or "
+                        "--concept without retain images, erasediff for --classes with --retain)")
     g = e.add_mutually_exclusive_group(required=True)
-    g.add_argument("--classes", help="comma-separated class ids to forget")
-    g.add_argument("--concept", help="a text concept to forget")
-    g.add_argument("--data", help="a folder of the training images to forget")
-    e.add_argument("--override", type=int, default=None, help="SFD: safe class the forgotten ones map to")
-    e.add_argument("--anchor", default=None, help="the anchor prompt a concept is mapped toward")
-    e.add_argument("--retain", default=None, help="a folder of images to keep")
-    e.add_argument("--retain-prompts", nargs="*", default=None)
-    e.add_argument("--out", required=True, help="result folder")
+    g.add_argument("--classes", default=None, help="comma-separated class ids to forget (default: none)")
+    g.add_argument("--concept", default=None, help="a text concept to forget (default: none)")
+    g.add_argument("--data", default=None, help="a folder of the training images to forget (default: none)")
+    e.add_argument("--override", type=int, default=None,
+                   help="the safe class the forgotten ones are mapped onto (SFD, EraseDiff; default: the method's)")
+    e.add_argument("--anchor", default=None, help="the prompt a concept is mapped toward (default: the method's)")
+    e.add_argument("--retain", default=None, help="a folder of images to keep (default: none)")
+    e.add_argument("--retain_prompts", "--retain-prompts", dest="retain_prompts", nargs="*", default=None,
+                   help="prompts to keep, for data-free retain terms (default: none)")
+    e.add_argument("--output_dir", "--out", dest="output_dir", metavar="DIR", required=True,
+                   help="result folder; must not exist or be empty unless --overwrite (checked before training)")
     e.add_argument("--result-dir", default=None, help=argparse.SUPPRESS)
-    e.add_argument("--overwrite", action="store_true")
-    e.add_argument("--steps", type=int, default=None)
-    e.add_argument("--batch-size", "--train_batch_size", dest="batch_size", type=int, default=None)
-    e.add_argument("--lr", "--learning_rate", dest="lr", type=float, default=None)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--rank", type=int, default=None, help="LoRA rank (default: train the weights directly)")
-    e.add_argument("--mixed_precision", "--mixed-precision", default=None, choices=["fp32", "bf16", "fp16"])
-    e.add_argument("--use_8bit_adam", "--use-8bit-adam", action="store_true")
-    e.add_argument("--gradient_checkpointing", "--gradient-checkpointing", action="store_true")
-    e.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
-    e.add_argument("--checkpoint-every", "--checkpointing_steps", dest="checkpoint_every", type=int, default=None)
-    e.add_argument("--resume", action="store_true")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
+    e.add_argument("--save_pipeline", "--save-pipeline", dest="save_pipeline", action="store_true",
+                   help="also write the input pipeline's other components: DiffusionPipeline.from_pretrained("
+                        "OUTPUT_DIR) loads the erased model")
+    e.add_argument("--max_train_steps", "--steps", dest="steps", type=int, metavar="N", default=None,
+                   help="training steps (default: the method's, see the README's defaults table)")
+    e.add_argument("--train_batch_size", "--batch-size", "--batch_size", dest="batch_size", type=int, metavar="N", default=None,
+                   help="batch size (default: the method's)")
+    e.add_argument("--learning_rate", "--lr", dest="lr", type=float, metavar="LR", default=None,
+                   help="learning rate (default: the method's)")
+    e.add_argument("--seed", type=int, default=0, help="seed of every random draw (runs are reproducible)")
+    e.add_argument("--rank", "--lora_rank", dest="rank", type=int, metavar="R", default=None,
+                   help="LoRA rank (default: none, the method's parameters are trained directly)")
+    e.add_argument("--resolution", type=int, metavar="PIXELS", default=None,
+                   help="pipelines: the image size in pixels the method samples or encodes at (default: the "
+                        "pipeline's)")
+    e.add_argument("--mixed_precision", "--mixed-precision", dest="mixed_precision", default=None,
+                   choices=sorted(PRECISIONS),
+                   help="compute precision, trainable weights kept in fp32 (default: bf16 on a CUDA GPU that "
+                        "supports it, else the model's dtype)")
+    e.add_argument("--use_8bit_adam", "--use-8bit-adam", dest="use_8bit_adam", action="store_true",
+                   help="bitsandbytes 8-bit AdamW")
+    e.add_argument("--gradient_checkpointing", "--gradient-checkpointing", dest="gradient_checkpointing",
+                   action="store_true", help="recompute activations in the backward pass (less memory)")
+    e.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="xformers attention instead of PyTorch SDPA")
+    e.add_argument("--checkpointing_steps", "--checkpoint-every", "--checkpoint_every", dest="checkpoint_every",
+                   type=int, metavar="N", default=None,
+                   help="write a resumable checkpoint to OUTPUT_DIR/checkpoints every N steps (default: none)")
+    e.add_argument("--resume_from_checkpoint", default=None, choices=["latest"],
+                   help="continue from the newest complete checkpoint in --output_dir (default: start anew)")
+    e.add_argument("--resume", dest="resume_from_checkpoint", action="store_const", const="latest",
+                   help="same as --resume_from_checkpoint latest")
+    e.add_argument("--validation_prompt", metavar="PROMPT", default=None,
+                   help="write --num_validation_images samples of this prompt every --validation_steps steps to "
+                        "OUTPUT_DIR/validation/ (default: none)")
+    e.add_argument("--validation_steps", type=int, metavar="N", default=100, help="steps between validation samples")
+    e.add_argument("--num_validation_images", type=int, metavar="N", default=4, help="images per validation")
+    e.add_argument("--num_inference_steps", type=int, metavar="N", default=25, help="sampling steps of the validation images")
     e.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a method option, e.g. --option lambd=0.5 (values parsed as JSON when possible)")
-    e.add_argument("--no-progress", action="store_true")
+                   help="a method option, e.g. --option lambd=0.5, repeatable (values parsed as JSON when possible; "
+                        "default: the method's options)")
+    e.add_argument("--no_progress", "--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     e.set_defaults(func=_erase)
 
     for extra in _extra_commands():

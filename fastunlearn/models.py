@@ -99,7 +99,7 @@ def restore_extra_config(model: torch.nn.Module, config: dict) -> torch.nn.Modul
     return model
 
 
-def load_unet(folder) -> torch.nn.Module:
+def load_unet(folder, variant=None, torch_dtype=None) -> torch.nn.Module:
     """A UNet2DModel / UNet2DConditionModel from a diffusers folder (safetensors only), with
     fastunlearn's config keys (the null class) restored."""
     import json
@@ -112,7 +112,7 @@ def load_unet(folder) -> torch.nn.Module:
     level = diffusers.utils.logging.get_verbosity()
     diffusers.utils.logging.set_verbosity_error()  # it warns about the fastunlearn_* keys restored below
     try:
-        model = cls.from_pretrained(folder, use_safetensors=True)
+        model = cls.from_pretrained(folder, use_safetensors=True, variant=variant, torch_dtype=torch_dtype)
     finally:
         diffusers.utils.logging.set_verbosity(level)
     return restore_extra_config(model, config)

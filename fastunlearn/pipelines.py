@@ -30,8 +30,9 @@ import torch
 from .errors import bad_type, bad_value
 
 
-def load_pipeline(folder) -> "DiffusionPipeline":
-    """A diffusers pipeline from a local folder: safetensors only, never the hub, no safety checker."""
+def load_pipeline(folder, variant=None, torch_dtype=None) -> "DiffusionPipeline":
+    """A diffusers pipeline from a local folder: safetensors only, never the hub, no safety checker.
+    ``variant`` ("fp16", ...) picks ``*.{variant}.safetensors``; None finds it when the folder holds only one."""
     import json
     from pathlib import Path
 
@@ -45,17 +46,52 @@ def load_pipeline(folder) -> "DiffusionPipeline":
         raise MissingFileError(f"model: {str(folder)!r} has no .safetensors weights (fastunlearn never loads "
                                "pickled .bin/.pt/.ckpt files)")
     index = json.loads((folder / "model_index.json").read_text())
+    variant = weights_variant(folder, variant)
     # Components saved as absent ([null, null], e.g. no VAE) are passed as None, or diffusers refuses them.
     absent = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None}
     level = logging.get_verbosity()
     logging.set_verbosity_error()  # the safety-checker warning: it is not part of what fastunlearn trains
     try:
-        return DiffusionPipeline.from_pretrained(folder, local_files_only=True, use_safetensors=True,
+        return DiffusionPipeline.from_pretrained(folder, local_files_only=True, use_safetensors=True, variant=variant,
+                                                 torch_dtype=torch_dtype,
                                                  **{"safety_checker": None, **absent, "requires_safety_checker": False})
     except Exception as e:
         raise CorruptResultError(f"model: could not load the pipeline in {str(folder)!r} ({str(e)[:300]})") from e
     finally:
         logging.set_verbosity(level)
+
+
+def weights_variant(folder, variant):
+    """The weights variant to load from ``folder`` (a model or pipeline folder): ``variant`` checked against the
+    files there, or, when None, the one variant found when the folder has no plain ``*.safetensors`` weights
+    (a folder saved with ``save_pretrained(variant="fp16")`` only holds ``*.fp16.safetensors``)."""
+    import re
+    from pathlib import Path
+
+    folder = Path(folder)
+    files = [f.name for f in list(folder.glob("*.safetensors")) + list(folder.glob("*/*.safetensors"))]
+    found = sorted({m.group(1) for f in files if (m := re.match(r".+\.([A-Za-z0-9_-]+)\.safetensors$", f))})
+    plain = [f for f in files if not re.match(r".+\.([A-Za-z0-9_-]+)\.safetensors$", f)]
+    if variant is not None:
+        if variant not in found:
+            raise bad_value("variant", f"a weights variant saved in {str(folder)!r} ({', '.join(found) or 'none'})",
+                            variant)
+        return variant
+    if not plain and len(found) == 1:
+        return found[0]
+    if not plain and found:
+        raise bad_value("variant", f"one of the weights variants in {str(folder)!r} ({', '.join(found)})", None)
+    return None
+
+
+def pipeline_parts(pipe) -> dict:
+    """What ``Result.save(..., pipeline=True)`` needs to write a complete pipeline around the erased UNet: the
+    pipeline class and its components other than the UNet (references, not copies), and its non-module
+    settings (``requires_safety_checker``, ``force_zeros_for_empty_prompt``, ...)."""
+    _, optional = pipe._get_signature_keys(pipe)
+    return {"class": type(pipe).__name__,
+            "components": {k: v for k, v in pipe.components.items() if k != "unet"},
+            "settings": {k: pipe.config[k] for k in optional if k in pipe.config}}
 
 
 def is_pipeline(obj) -> bool:
@@ -78,7 +114,8 @@ def resolve(pipe, scheduler=None, resolution=None):
     if not isinstance(unet, UNet2DConditionModel):
         raise bad_type("model", "a text-to-image pipeline with a UNet2DConditionModel (pipe.unet)", unet)
     if sdxl.is_sdxl(pipe):
-        return sdxl.resolve(pipe, scheduler, resolution=resolution)
+        unet, scheduler, extras = sdxl.resolve(pipe, scheduler, resolution=resolution)
+        return unet, scheduler, {**extras, "pipeline_parts": pipeline_parts(pipe)}
     if getattr(pipe, "text_encoder_2", None) is not None or unet.config.get("addition_embed_type") is not None:
         # e.g. an SDXL refiner (text_embeds only) or a UNet with other added conditions
         raise bad_value("model", "a Stable Diffusion 1.x/2.x or SDXL base pipeline (added conditions "
@@ -89,7 +126,8 @@ def resolve(pipe, scheduler=None, resolution=None):
     scheduler = scheduler if scheduler is not None else getattr(pipe, "scheduler", None)
     if scheduler is None or not hasattr(scheduler, "alphas_cumprod") or not hasattr(scheduler, "config"):
         raise bad_type("scheduler", "a diffusers noise scheduler with alphas_cumprod", scheduler)
-    return unet, scheduler, {"encode_prompts": prompt_encoder(text_encoder, tokenizer), **latent_extras(pipe)}
+    return unet, scheduler, {"encode_prompts": prompt_encoder(text_encoder, tokenizer), **latent_extras(pipe),
+                             "pipeline_parts": pipeline_parts(pipe)}
 
 
 def latent_extras(pipe) -> dict:

@@ -63,3 +63,23 @@ def poison_kernels(monkeypatch):
     from fastunlearn.kernels import _common
 
     monkeypatch.setattr(_common, "POISON", True)
+
+
+def tiny_sd():
+    """fastunlearn.text's tiny SD pipeline with its tiny VAE, so that it generates images."""
+    from fastunlearn.text import tiny_text_pipeline
+
+    return tiny_text_pipeline(seed=0, with_vae=True)
+
+
+def tiny_xl():
+    from fastunlearn.sdxl import tiny_sdxl_pipeline
+
+    return tiny_sdxl_pipeline(seed=0)
+
+
+@pytest.fixture
+def tiny_pipelines():
+    """Builders of the tiny random-weight SD (with VAE) and SDXL pipelines: {"sd": fn, "sdxl": fn}; the same
+    seed gives the same weights, as from_pretrained of one folder would."""
+    return {"sd": tiny_sd, "sdxl": tiny_xl}

@@ -308,7 +308,7 @@ def test_result_saved_next_to_its_checkpoints(tmp_path):
     unet, sched = _model()
     res = _run(unet, sched, steps=2, output_dir=tmp_path, checkpoint_every=1)
     res.save(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "fastunlearn.json", "scheduler", "unet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "checkpoints", "fastunlearn.json", "scheduler", "unet"]
     _assert_same_weights(fu.load(tmp_path).model, res.model)
     assert len(list_checkpoints(tmp_path)) == 2
     with pytest.raises(FastUnlearnError, match="exists"):  # now a result: never replaced silently
