@@ -6,7 +6,7 @@
 The pipelines are built from the configurations the package ships (``fastunlearn/configs/{sd15,sdxl}.json``):
 full-size UNet, text encoders and VAE, random weights made locally (nothing is downloaded), in bf16. Each
 run is ``erase()`` with LoRA rank 16 and gradient checkpointing on a ``Concept`` (esd, sfd) or
-``DataPoints(latents, prompts=...)`` (siss and its baselines, erasediff). It checks that only the adapters
+``DataPoints.from_latents(latents, prompts=...)`` (siss and its baselines, erasediff). It checks that only the adapters
 train, that the saved LoRA loads into a plain diffusers pipeline with ``pipe.load_lora_weights`` and that
 the input pipeline is left untouched, and it measures the peak memory of the run independently of the
 planner: the process's peak resident set (``ru_maxrss``) minus its resident set just before ``erase()``,
@@ -103,7 +103,7 @@ def build_pipeline(name: str, *, device="cpu", dtype=torch.bfloat16, tiny: bool 
 
 def targets(method: str, pipe, resolution: int, n: int = 4, seed: int = 0):
     """``erase()``'s forget/retain for ``method``: a Concept for the data-free methods, latents with prompts
-    (``DataPoints(latents, prompts=...)``) for the data-based ones (latents: no VAE encode needed)."""
+    (``DataPoints.from_latents(latents, prompts=...)``) for the data-based ones (latents: no VAE encode needed)."""
     import fastunlearn as fu
 
     if method == "esd":
@@ -112,10 +112,10 @@ def targets(method: str, pipe, resolution: int, n: int = 4, seed: int = 0):
         return {"forget": fu.Concept(CONCEPT, anchor=ANCHOR), "retain": PROMPTS[:2]}
     side = resolution // pipe.vae_scale_factor if getattr(pipe, "vae", None) is not None else resolution
     g = torch.Generator().manual_seed(seed)
-    # In [-1, 1]: DataPoints checks that range on its own (today's targets.py), latents or not.
-    lat = lambda k: torch.rand(k, 4, side, side, generator=g) * 2 - 1  # noqa: E731
-    forget = fu.DataPoints(lat(n), prompts=[CONCEPT] * n)
-    retain = fu.DataPoints(lat(2 * n), prompts=(PROMPTS * n)[:2 * n])
+    # Unit-variance, as VAE latents scaled by scaling_factor are; from_latents takes them as they are.
+    lat = lambda k: torch.randn(k, 4, side, side, generator=g)  # noqa: E731
+    forget = fu.DataPoints.from_latents(lat(n), prompts=[CONCEPT] * n)
+    retain = fu.DataPoints.from_latents(lat(2 * n), prompts=(PROMPTS * n)[:2 * n])
     return {"forget": forget, "retain": retain}
 
 

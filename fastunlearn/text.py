@@ -10,6 +10,8 @@ where it should and leaves other prompts alone.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Iterable, Optional
 
 import torch
@@ -49,7 +51,17 @@ def tiny_tokenizer(words: Iterable[str] = WORDS, max_length: int = 16):
     from transformers import CLIPTokenizer
 
     vocab, merges = tiny_vocab(words)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    try:
+        return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    except TypeError:  # transformers < 5 builds a CLIP tokenizer from files only
+        import json
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "vocab.json").write_text(json.dumps(vocab))
+            (Path(d) / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+            return CLIPTokenizer(str(Path(d) / "vocab.json"), str(Path(d) / "merges.txt"),
+                                 model_max_length=max_length)
 
 
 def tiny_vae(sample_size: int = 16, seed: int = 1, latent_channels: int = 4, scaling_factor: float = 0.18215):

@@ -329,7 +329,8 @@ def test_auto_answers_as_a_trace_per_configuration(text_pipe, monkeypatch, metho
     monkeypatch.setattr(planner, "cached_trace_batches",
                         lambda spec, **s: made.append(_PairByPair(spec, s)) or made[-1])
     old = planner.plan(text_pipe, vram=vram, **kw).as_dict()
-    assert sum(len(m.traced) for m in made) > len(made)  # the old way traced several configurations per setting
+    if vram > 0.01:  # the old way traced several configurations per setting (with nothing that fits, one)
+        assert sum(len(m.traced) for m in made) > len(made)
     for d in (new, old):
         d.pop("trace_seconds")
         d["params"] = {k: v for k, v in d["params"].items() if k != "counts"}
