@@ -235,13 +235,10 @@ def main(argv=None) -> int:
     for p in running:  # traces still running past the budget: stop them
         p.kill()
     doc["seconds"] = round(time.monotonic() - t0, 1)
-    from fastunlearn.evaluation import write_json_atomic
+    from fastunlearn.files import write_json, write_text
 
-    write_json_atomic(a.out / "gpu_check.json", doc)
-    md = a.out / "gpu_check.md"
-    tmp = md.with_name(f".{md.name}.tmp-{os.getpid()}")
-    tmp.write_text(markdown(doc))
-    os.replace(tmp, md)
+    write_json(a.out / "gpu_check.json", doc)
+    write_text(a.out / "gpu_check.md", markdown(doc))
     print(markdown(doc))
     return 0
 

@@ -50,6 +50,8 @@ from typing import Optional
 
 import torch
 
+from .files import atomic_path, write_json, write_text
+
 FORGET_CLASS = 3
 # A source checkout (the bench's results are committed there); from an installed wheel this is site-packages.
 ROOT = Path(__file__).resolve().parents[1]
@@ -346,10 +348,9 @@ def run_bench(out=None, quick: bool = False, methods=None, settings=SETTINGS, is
         "rows": rows,
     }
     out.mkdir(parents=True, exist_ok=True)
-    from .evaluation import write_json_atomic
 
-    write_json_atomic(out / "bench.json", doc)
-    _write_atomic(out / "bench.md", markdown(doc))
+    write_json(out / "bench.json", doc)
+    write_text(out / "bench.md", markdown(doc))
     plot(doc, out / "bench.png")
     plot_samples(rows, pictures, out / "bench_samples.png")
     log(f"wrote {out / 'bench.md'}, bench.json, bench.png, bench_samples.png ({doc['seconds_total']:.0f} s)")
@@ -378,12 +379,6 @@ def _brief(r):
 
 
 # ------------------------------------------------------------------------------------------------ outputs
-def _write_atomic(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _pct(v):
     return "–" if v is None else f"{v:.1%}"
 
@@ -504,10 +499,9 @@ def plot(doc, path: Path) -> Path:
         ax.set_xlabel("wall time, s (log; retrain: its training time)")
         ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -543,10 +537,9 @@ def plot_samples(rows, pictures, path: Path) -> Optional[Path]:
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -43,6 +43,7 @@ from typing import Optional
 import torch
 
 from .errors import CorruptResultError, NonFiniteError, bad_value, write_error
+from .files import publish_dir, temp_name
 
 CHECKPOINTS = "checkpoints"
 STATE_JSON = "state.json"
@@ -356,7 +357,7 @@ class Checkpointer:
         }
         weights = {n: p.detach().to("cpu").contiguous().clone() for n, p in named.items()}
         final = self.root / f"step-{step:08d}"
-        tmp = self.root / f".{final.name}.tmp-{os.getpid()}"
+        tmp = temp_name(final)
         try:
             from safetensors.torch import save_file
 
@@ -375,9 +376,7 @@ class Checkpointer:
             for n in (WEIGHTS_FILE, STATE_FILE, STATE_JSON):
                 _fsync_file(tmp / n)
             _fsync_dir(tmp)
-            if final.exists():  # an unreadable leftover of an earlier attempt at this step
-                _remove_tree(final)
-            os.replace(tmp, final)
+            publish_dir(tmp, final)  # replaces an unreadable leftover of an earlier attempt at this step
             _fsync_dir(self.root)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -394,7 +393,7 @@ class Checkpointer:
         if not self.root.is_dir():
             return
         for p in self.root.iterdir():
-            if p.name.startswith(".step-") and (".tmp-" in p.name or ".del-" in p.name):
+            if p.name.startswith(".step-") and any(k in p.name for k in (".tmp-", ".del-", ".old-")):
                 shutil.rmtree(p, ignore_errors=True)
 
     def _named_trainable(self) -> dict:

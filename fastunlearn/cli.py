@@ -106,7 +106,6 @@ def _validation_writer(args):
     one grid, ``OUTPUT_DIR/validation/step-NNNNNN.png``, as the diffusers training scripts log theirs."""
     if args.validation_prompt is None:
         return None
-    import os
     from pathlib import Path
 
     import torch
@@ -114,6 +113,7 @@ def _validation_writer(args):
     from diffusers.utils import make_image_grid
 
     from .distributed import is_main_process
+    from .files import atomic_path
 
     folder = Path(args.result_dir or args.output_dir) / "validation"
 
@@ -128,9 +128,8 @@ def _validation_writer(args):
             images = VaeImageProcessor.numpy_to_pil(x)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step-{step:06d}.png"
-        tmp = folder / f".{path.name}.tmp-{os.getpid()}.png"
-        make_image_grid(list(images), rows=1, cols=len(images)).save(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path, ".png") as tmp:
+            make_image_grid(list(images), rows=1, cols=len(images)).save(tmp)
 
     return write
 

@@ -3,11 +3,12 @@ show before/after numbers and a picture."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
+
+from .files import write_text
 
 
 def run_demo(out="fastunlearn-demo", digit: int = 3, n_per_class: int = 100, steps=None, progress: bool = True,
@@ -53,9 +54,7 @@ def run_demo(out="fastunlearn-demo", digit: int = 3, n_per_class: int = 100, ste
     res.save(out / "result", overwrite=overwrite)
     report = {"digit": digit, "method": "siss", "seconds_unlearning": res.meta["seconds"],
               "seconds_total": round(time.perf_counter() - t0, 1), **summary}
-    tmp = out / f".metrics.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out / "metrics.json")
+    write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {png}, {out / 'metrics.json'} and the unlearned model in {out / 'result'}")
     return report
 

@@ -41,7 +41,6 @@ import argparse
 import base64
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -50,6 +49,7 @@ from typing import Optional
 import torch
 
 from .errors import FastUnlearnError, InvalidArgumentError, bad_type, bad_value
+from .files import atomic_path, json_default, write_json
 from .metrics import NEAR_COPY_MSE
 
 # Recognisable: the classifier's top softmax probability exceeds this (the SISS outlier test's judge).
@@ -310,7 +310,7 @@ def evaluate(result, *, before=None, forget=None, scheduler=None, reference=None
         out.mkdir(parents=True, exist_ok=True)
         png = _save_picture(out / PICTURE_FILE, grid, report["method"])
         report["files"] = {"metrics": str(out / METRICS_FILE), "picture": str(png) if png else None}
-        write_json_atomic(out / METRICS_FILE, report)
+        write_json(out / METRICS_FILE, report)
     return report
 
 
@@ -559,23 +559,6 @@ def _evaluate_text(res, before_res, forget, prompts, seed, settings, steps: int 
 
 
 # ------------------------------------------------------------------------------------------------ files
-def write_json_atomic(path, obj) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _json_default(x):
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    return repr(x)
-
-
 def _save_picture(path: Path, grid, method) -> Optional[Path]:
     if grid is None:
         return None
@@ -608,10 +591,9 @@ def _save_after_only(path: Path, rows, row_labels, title) -> Path:
         axes[r][0].text(-0.2, 0.5, row_labels[r], transform=axes[r][0].transAxes, ha="right", va="center",
                         fontsize=8)
     fig.suptitle(title, fontsize=10)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -679,7 +661,7 @@ def _eval_cli(args):
         print(f"fastunlearn eval: error: {e}", file=sys.stderr)
         raise SystemExit(2)
     if args.json:
-        print(json.dumps(r, indent=2, default=_json_default))
+        print(json.dumps(r, indent=2, default=json_default))
     else:
         print(format_report(r))
         files = r.get("files", {})

@@ -846,12 +846,12 @@ def cached_trace_batches(spec, **settings) -> dict:
     out = trace_batches(spec, **settings)
     _TRACES[key] = out
     if f is not None:
-        from .evaluation import write_json_atomic
+        from .files import write_json
 
         batches = {f"{b}:{'8bit' if eight else 'adamw'}": v for (b, eight), v in
                    ((k, v) for k, v in out.items() if isinstance(k, tuple))}
         try:
-            write_json_atomic(f, {"counts": out["counts"], "batches": batches})
+            write_json(f, {"counts": out["counts"], "batches": batches})
         except OSError:
             pass  # a read-only home: the plan is still right, only not remembered
     return out

@@ -26,6 +26,7 @@ from typing import Any, Optional
 import torch
 
 from .errors import CorruptResultError, InvalidArgumentError, MissingFileError, NonFiniteError, write_error
+from .files import publish_dir
 from .sampling import ddim_sample
 
 META_FILE = "fastunlearn.json"
@@ -245,17 +246,8 @@ class Result:
                 for entry in sorted(tmp.iterdir(), key=lambda e: e.name == META_FILE):
                     os.replace(entry, path / entry.name)
                 tmp.rmdir()
-            elif path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.replace(path, old)
-                try:
-                    os.replace(tmp, path)
-                except BaseException:
-                    os.replace(old, path)  # put the previous result back
-                    raise
-                shutil.rmtree(old, ignore_errors=True)
             else:
-                os.replace(tmp, path)
+                publish_dir(tmp, path)
         except OSError as e:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)

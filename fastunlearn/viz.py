@@ -1,11 +1,12 @@
 """Pictures: before/after sample grids (PNG, written atomically)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from .files import atomic_path
 
 
 def _to_img(x: torch.Tensor):
@@ -44,9 +45,7 @@ def save_before_after(path, before: Sequence[torch.Tensor], after: Sequence[torc
     if title:
         fig.suptitle(title, fontsize=10)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
