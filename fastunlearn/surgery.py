@@ -12,6 +12,12 @@ from typing import Sequence
 import torch
 
 
+def dense_grads(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Autograd's gradients with None (a parameter the loss does not reach) replaced by zeros, so that the
+    passes below see one tensor per parameter."""
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
 def pair_stats(g1: Sequence[torch.Tensor], g2: Sequence[torch.Tensor]) -> tuple[float, float, float]:
     """(‖g_1‖², ‖g_2‖², ⟨g_1, g_2⟩) over all tensors, accumulated in fp32 (fp64 for the final sum)."""
     from . import ops

@@ -111,7 +111,7 @@ import torch
 
 from .. import ops
 from ..errors import bad_type, bad_value
-from ..surgery import clip_factor, clip_single, pair_stats, write_combination
+from ..surgery import clip_factor, clip_single, dense_grads, pair_stats, write_combination
 from ..targets import Classes, Concept, DataPoints
 from .base import Method, check_choice, check_positive_float, register
 from .esd import (FrozenTeacher, PARAM_SUBSETS, apply_param_subset, cat_cond, check_params, cond_len, cond_to,
@@ -396,13 +396,13 @@ class EraseDiff(Method):
         if o["lambda_rule"] == "fixed":
             lam = float(o["lambd"])
             g = torch.autograd.grad(loss_r + lam * loss_f, params, allow_unused=True)
-            g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)]
+            g = dense_grads(g, params)
             stats = clip_single(g, params, o["max_grad_norm"])
         else:
             g_r = torch.autograd.grad(loss_r, params, retain_graph=True, allow_unused=True)
             g_f = torch.autograd.grad(loss_f, params, allow_unused=True)
-            g_r = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g_r, params)]
-            g_f = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g_f, params)]
+            g_r = dense_grads(g_r, params)
+            g_f = dense_grads(g_f, params)
             nr2, nf2, dot = pair_stats(g_r, g_f)
             rule = adaptive_lambda if o["lambda_rule"] == "adaptive" else bome_lambda
             lam = rule(nr2, nf2, dot, o["eta_bome"])

@@ -105,7 +105,7 @@ import torch
 from .. import ops
 from ..errors import bad_type, bad_value
 from ..run import step_generator
-from ..surgery import clip_single
+from ..surgery import clip_single, dense_grads
 from ..targets import Classes, Concept
 from .base import Method, check_positive_float, register
 
@@ -485,7 +485,7 @@ class ESD(Method):
         loss = self.loss(x_t, t, ci)
         params = self.trainable_parameters()
         g = torch.autograd.grad(loss, params, allow_unused=True)
-        g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)]
+        g = dense_grads(g, params)
         stats = clip_single(g, params, self.opts["max_grad_norm"])
         return {"loss": loss.item(), "sampling_rows": float(self.evals["sampling_rows"] - before), **stats}
 

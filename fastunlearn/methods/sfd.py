@@ -80,6 +80,7 @@ from .. import ops
 from ..errors import bad_type, bad_value
 from ..losses import sum_dims
 from ..models import Denoiser
+from ..surgery import dense_grads
 from ..targets import Classes, Concept
 from .base import Method, check_positive_float, register
 
@@ -357,9 +358,9 @@ class SFD(Method):
     def _write_grads(self, params, grads):
         """nan_to_num and the official value clip (§5.3, §5.4), straight into ``p.grad``."""
         c = self.opts["clip_value"]
-        for p, g in zip(params, grads):
+        for p, g in zip(params, dense_grads(grads, params)):
             # in place: autograd's tuple still holds g, an out-of-place copy would be a second full-size gradient
-            g = torch.zeros_like(p) if g is None else g.nan_to_num_(nan=0.0, posinf=1e5, neginf=-1e5)
+            g = g.nan_to_num_(nan=0.0, posinf=1e5, neginf=-1e5)
             p.grad = g.clamp_(-c, c) if c is not None else g
 
     # ------------------------------------------------------------------ the two updates

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import torch
 
-from ..surgery import clip_single, norm_fixed_negation
+from ..surgery import clip_single, dense_grads, norm_fixed_negation
 from .. import ops
 from ..losses import dsm_loss
 from .base import Method, check_choice, check_positive_float, check_unit_interval, register
@@ -141,8 +141,8 @@ class _NormFixed(_DeletionMethod):
         params = self.trainable_parameters()
         g_x = torch.autograd.grad(loss_x, params, retain_graph=True, allow_unused=True)
         g_a = torch.autograd.grad(loss_a, params, allow_unused=True)
-        g_x = [torch.zeros_like(p) if g is None else g for g, p in zip(g_x, params)]
-        g_a = [torch.zeros_like(p) if g is None else g for g, p in zip(g_a, params)]
+        g_x = dense_grads(g_x, params)
+        g_a = dense_grads(g_a, params)
         return params, g_x, g_a
 
     def surgery(self, step, loss_x, loss_a):
@@ -156,7 +156,7 @@ class _NormFixed(_DeletionMethod):
         c = self.opts["scaling_norm"] / max(self._norm_a, 1e-12)
         params = self.trainable_parameters()
         g = torch.autograd.grad(loss_x - c * loss_a, params, allow_unused=True)
-        g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)]
+        g = dense_grads(g, params)
         return {**clip_single(g, params, self.opts["max_grad_norm"]), "neggrad_scale": c,
                 "grad_norm_a": self._norm_a}
 
@@ -236,7 +236,7 @@ class NaiveDeletion(_DeletionMethod):
         x_t = run.bview(gamma, noise) * keep.x0 + run.bview(sigma, noise) * noise
         loss = dsm_loss(run.denoiser(x_t.to(run.dtype), t, keep.cond), noise)
         (g,) = (self.grads(loss),)
-        g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, self.trainable_parameters())]
+        g = dense_grads(g, self.trainable_parameters())
         stats = clip_single(g, self.trainable_parameters(), self.opts["max_grad_norm"])
         return {"loss": loss.item(), **stats}
 
@@ -263,6 +263,6 @@ class NegGrad(_DeletionMethod):
         x_t = run.bview(gamma, noise) * forget.x0 + run.bview(sigma, noise) * noise
         s = self.opts["superfactor"] * self.opts["superfactor_decay"] ** step
         loss = -s * dsm_loss(run.denoiser(x_t.to(run.dtype), t, forget.cond), noise)
-        g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(self.grads(loss), self.trainable_parameters())]
+        g = dense_grads(self.grads(loss), self.trainable_parameters())
         stats = clip_single(g, self.trainable_parameters(), self.opts["max_grad_norm"])
         return {"loss": loss.item(), "superfactor": s, **stats}
