@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
+from .conditioning import cond_to as _to, take_cond as _index_cond
 from .methods.base import Batch
 from .models import Denoiser
 
@@ -90,26 +91,6 @@ class Run:
             else:
                 out.append(_to(it, self.device))
         return out
-
-
-def _index_cond(cond: Any, idx):
-    if cond is None:
-        return None
-    if isinstance(cond, torch.Tensor):
-        return cond[idx]
-    if isinstance(cond, dict):
-        return {k: _index_cond(v, idx) for k, v in cond.items()}
-    if isinstance(cond, list):
-        return [cond[int(i)] for i in idx]
-    raise TypeError(f"unsupported conditioning {type(cond).__name__}")
-
-
-def _to(x, device):
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:

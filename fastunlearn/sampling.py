@@ -7,6 +7,7 @@ import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
+from .conditioning import slice_cond
 from .models import Denoiser
 
 
@@ -28,8 +29,8 @@ def ddim_sample(model: torch.nn.Module, scheduler, n: int, cond=None, num_infere
     try:
         for start in range(0, n, batch_size):
             xb = x[start:start + batch_size]
-            cb = _slice(cond, start, start + batch_size)
-            nb = _slice(null_cond, start, start + batch_size)
+            cb = slice_cond(cond, start, start + batch_size)
+            nb = slice_cond(null_cond, start, start + batch_size)
             for t in tqdm(ddim.timesteps, disable=not progress, desc="sampling", leave=False):
                 tt = torch.full((xb.shape[0],), int(t), device=xb.device, dtype=torch.long)
                 eps = den(xb, tt, cb)
@@ -41,13 +42,3 @@ def ddim_sample(model: torch.nn.Module, scheduler, n: int, cond=None, num_infere
     finally:
         model.train(was_training)
     return torch.cat(out)
-
-
-def _slice(cond, a, b):
-    if cond is None:
-        return None
-    if isinstance(cond, torch.Tensor):
-        return cond[a:b]
-    if isinstance(cond, dict):
-        return {k: _slice(v, a, b) for k, v in cond.items()}
-    return cond

@@ -110,12 +110,12 @@ import math
 import torch
 
 from .. import ops
+from ..conditioning import cat_cond, cond_len, take_cond
 from ..errors import bad_type, bad_value
 from ..surgery import clip_factor, clip_single, dense_grads, pair_stats, write_combination
 from ..targets import Classes, Concept, DataPoints
 from .base import Method, check_choice, check_positive_float, register
-from .esd import (FrozenTeacher, PARAM_SUBSETS, apply_param_subset, cat_cond, check_params, cond_len, cond_to,
-                  encode_prompts, generate, take_cond)
+from .esd import FrozenTeacher, PARAM_SUBSETS, apply_param_subset, check_params, encode_prompts, generate
 
 FORGET_TARGETS = ("relabel", "uniform")
 LAMBDA_RULES = ("fixed", "adaptive", "bome")
@@ -134,10 +134,6 @@ def bome_lambda(nr2: float, nf2: float, dot: float, eta: float) -> float:
         return 0.0
     lam = max((eta * nf2 - dot) / nf2, 0.0)
     return lam if math.isfinite(lam) else 0.0
-
-
-def _concat(a, b):
-    return cat_cond(a, b) if a is not None else None
 
 
 @register
@@ -378,7 +374,7 @@ class EraseDiff(Method):
         x_r = g * keep.x0 + s * noise_r
         x_f = g * forget.x0 + s * noise_f
         B = x_r.shape[0]
-        pred = run.denoiser(torch.cat([x_r, x_f]).to(run.dtype), torch.cat([t, t]), _concat(keep.cond, forget.cond))
+        pred = run.denoiser(torch.cat([x_r, x_f]).to(run.dtype), torch.cat([t, t]), cat_cond(keep.cond, forget.cond))
         pred_r, pred_f = pred[:B], pred[B:]
         if self.forget_target == "uniform":
             target_f = noise_f

@@ -103,6 +103,7 @@ from typing import Optional
 import torch
 
 from .. import ops
+from ..conditioning import cat_cond, cond_len, cond_to, take_cond
 from ..errors import bad_type, bad_value
 from ..run import step_generator
 from ..surgery import clip_single, dense_grads
@@ -151,38 +152,6 @@ def apply_param_subset(run, subset: str) -> None:
     if not any(p.requires_grad for p in run.model.parameters()):
         raise bad_value("params", "a subset with trainable parameters (with lora_rank, one that holds LoRA "
                         "adapters)", subset)
-
-
-def cat_cond(*conds):
-    """Concatenate conditionings (class-id tensors or embedding dicts) along the batch."""
-    first = conds[0]
-    if first is None:
-        return None
-    if isinstance(first, torch.Tensor):
-        return torch.cat(conds)
-    return {k: cat_cond(*(c[k] for c in conds)) for k in first}
-
-
-def take_cond(cond, idx):
-    if cond is None:
-        return None
-    if isinstance(cond, torch.Tensor):
-        return cond[idx.to(cond.device)]
-    return {k: take_cond(v, idx) for k, v in cond.items()}
-
-
-def cond_to(cond, device):
-    if cond is None:
-        return None
-    if isinstance(cond, torch.Tensor):
-        return cond.to(device)
-    return {k: cond_to(v, device) for k, v in cond.items()}
-
-
-def cond_len(cond) -> int:
-    if isinstance(cond, torch.Tensor):
-        return cond.shape[0]
-    return cond_len(next(iter(cond.values())))
 
 
 def encode_prompts(run, prompts):

@@ -77,6 +77,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
+from ..conditioning import slice_cond, take_cond
 from ..errors import bad_type, bad_value
 from ..losses import sum_dims
 from ..models import Denoiser
@@ -316,7 +317,7 @@ class SFD(Method):
         """Model conditioning for rows of condition ids."""
         if self.table is None:
             return ids.to(self.run.device)
-        return _index(self.table, ids)
+        return take_cond(self.table, ids)
 
     def coefficients(self, step: int) -> dict:
         forgetting = step >= self.opts["two_stage"]
@@ -477,7 +478,7 @@ class SFD(Method):
             for a in range(0, n, batch_size):
                 x = (sigma * z[a:a + batch_size]).to(p.device, p.dtype)
                 t = torch.full((x.shape[0],), t_init, dtype=torch.long, device=p.device)
-                c = _slice(cond, a, a + batch_size)
+                c = slice_cond(cond, a, a + batch_size)
                 eps = den(x, t, c)
                 out.append(((x - sigma * eps) / gamma).clamp(-1, 1).float().cpu())
         finally:
@@ -488,19 +489,3 @@ class SFD(Method):
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A per-row mask [B] broadcast against [B, ...]."""
     return mask.reshape(-1, *([1] * (like.ndim - 1)))
-
-
-def _index(cond, ids):
-    if cond is None:
-        return None
-    if isinstance(cond, torch.Tensor):
-        return cond[ids.to(cond.device)]
-    return {k: _index(v, ids) for k, v in cond.items()}
-
-
-def _slice(cond, a, b):
-    if cond is None:
-        return None
-    if isinstance(cond, torch.Tensor):
-        return cond[a:b]
-    return {k: _slice(v, a, b) for k, v in cond.items()}

@@ -52,20 +52,11 @@ import torch
 
 from ..surgery import clip_single, dense_grads, norm_fixed_negation
 from .. import ops
+from ..conditioning import where_cond
 from ..losses import dsm_loss
 from .base import Method, check_choice, check_positive_float, check_unit_interval, register
 
 _SISS_DEFAULTS = dict(steps=300, batch_size=64, lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6)
-
-
-def _where_cond(mask, cond_x, cond_a):
-    if cond_x is None:
-        return None
-    if isinstance(cond_x, torch.Tensor):  # per-row mask over labels [B] or embeddings [B, L, D]
-        return torch.where(mask.view(-1, *[1] * (cond_x.ndim - 1)), cond_x, cond_a)
-    if isinstance(cond_x, dict):
-        return {k: _where_cond(mask, cond_x[k], cond_a[k]) for k in cond_x}
-    raise TypeError(f"unsupported conditioning {type(cond_x).__name__}")
 
 
 def official_losses(run, step: int, lambd: float, model=None):
@@ -183,7 +174,7 @@ class SISS(_NormFixed):
         keep, forget, noise, mask, t, gamma, sigma = run.to_device(keep, forget, noise, mask, t, gamma, sigma)
         from ..losses import siss_mixture
         m = siss_mixture(keep.x0, forget.x0, noise, mask, gamma, sigma)
-        pred = run.denoiser(m.to(run.dtype), t, _where_cond(mask, keep.cond, forget.cond))
+        pred = run.denoiser(m.to(run.dtype), t, where_cond(mask, keep.cond, forget.cond))
         loss_x, loss_a, w_x, w_a = ops.siss_loss(pred, keep.x0, forget.x0, noise, mask, gamma, sigma,
                                                  self.opts["lambd"])
         stats = self.surgery(step, loss_x, loss_a)
