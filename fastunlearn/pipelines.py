@@ -23,11 +23,12 @@ pipeline itself: ``Result.sample`` draws through it (its scheduler, guidance and
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Callable
 
 import torch
 
 from .errors import bad_type, bad_value
+from .prompts import prompt_encoder
 
 
 def load_pipeline(folder, variant=None, torch_dtype=None) -> "DiffusionPipeline":
@@ -207,31 +208,3 @@ def vae_scale_factor(pipe) -> int:
     if vae is None:
         return 1
     return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def prompt_encoder(text_encoder, tokenizer) -> Callable[[List[str]], Dict[str, torch.Tensor]]:
-    """A function ``prompts -> {"encoder_hidden_states": [N, L, D]}`` that runs the frozen text encoder
-    once per distinct prompt (padded to the tokenizer's ``model_max_length``, as the pipelines do) and
-    caches the result on the CPU. The embeddings are returned on the CPU; the caller moves them."""
-    cache: Dict[str, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def encode(prompts: List[str]) -> Dict[str, torch.Tensor]:
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise bad_type("prompts", "a list of strings", prompts)
-        new = sorted({p for p in prompts if p not in cache})
-        if new:
-            ids = tokenizer(new, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids
-            was_training = text_encoder.training
-            text_encoder.eval()
-            try:
-                hidden = text_encoder(ids.to(text_encoder.device))[0]
-            finally:
-                text_encoder.train(was_training)
-            for p, h in zip(new, hidden.float().cpu()):
-                cache[p] = h
-        return {"encoder_hidden_states": torch.stack([cache[p] for p in prompts])}
-
-    encode.cache = cache  # exposed for tests and for counting text-encoder calls
-    return encode

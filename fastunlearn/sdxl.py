@@ -21,11 +21,12 @@ the pipeline builds it for classifier-free guidance.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Optional
 
 import torch
 
 from .errors import bad_type, bad_value
+from .prompts import sdxl_prompt_encoder as prompt_encoder
 
 
 def is_sdxl(pipe) -> bool:
@@ -59,45 +60,6 @@ def resolve(pipe, scheduler=None, resolution: Optional[int] = None):
     from .pipelines import latent_extras
 
     return unet, scheduler, {"encode_prompts": encode, "sdxl": True, "resolution": res, **latent_extras(pipe)}
-
-
-def prompt_encoder(text_encoder, text_encoder_2, tokenizer, tokenizer_2, time_ids=(1024, 1024, 0, 0, 1024, 1024),
-                   zeros_for_empty: bool = True) -> Callable[[List[str]], Dict]:
-    """``prompts -> {"encoder_hidden_states", "added_cond_kwargs": {"text_embeds", "time_ids"}}`` (CPU, fp32),
-    computed as ``StableDiffusionXLPipeline.encode_prompt`` does and cached per prompt."""
-    cache: Dict[str, tuple] = {}
-    ids6 = torch.tensor(time_ids, dtype=torch.float32)
-
-    @torch.no_grad()
-    def run_encoders(prompts):
-        hidden, pooled = [], None
-        for tok, te in ((tokenizer, text_encoder), (tokenizer_2, text_encoder_2)):
-            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
-            was_training = te.training
-            te.eval()
-            try:
-                out = te(ids.to(te.device), output_hidden_states=True)
-            finally:
-                te.train(was_training)
-            pooled = out[0]  # the last encoder's pooled projection (text_embeds), as the pipeline keeps it
-            hidden.append(out.hidden_states[-2])
-        return torch.cat(hidden, dim=-1).float().cpu(), pooled.float().cpu()
-
-    def encode(prompts: List[str]) -> Dict:
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise bad_type("prompts", "a list of strings", prompts)
-        new = sorted({p for p in prompts if p not in cache})
-        if new:
-            h, pooled = run_encoders(new)
-            for p, hi, pi in zip(new, h, pooled):
-                cache[p] = (torch.zeros_like(hi), torch.zeros_like(pi)) if (zeros_for_empty and p == "") else (hi, pi)
-        return {"encoder_hidden_states": torch.stack([cache[p][0] for p in prompts]),
-                "added_cond_kwargs": {"text_embeds": torch.stack([cache[p][1] for p in prompts]),
-                                      "time_ids": ids6.expand(len(prompts), 6).clone()}}
-
-    encode.cache = cache
-    return encode
 
 
 def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 8, hidden: int = 32, max_length: int = 16,
