@@ -366,7 +366,7 @@ def erase(model, forget, retain=None, method: Optional[str] = None, scheduler=No
             meta["diffusers_version"] = diffusers.__version__
         except Exception:  # pragma: no cover
             pass
-        from .evaluation import provenance
+        from .provenance import provenance
         meta.update(provenance(model, unet, forget))  # base_model + forgotten: what `fastunlearn eval DIR` reads
         result = Result(model=run.model.eval(), scheduler=scheduler, method=method, options=opts, history=history,
                         meta=meta, extras=extras)

@@ -42,7 +42,6 @@ import os
 import platform
 import resource
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -50,7 +49,8 @@ from typing import Optional
 
 import torch
 
-from .files import atomic_path, write_json, write_text
+from .files import write_json, write_text
+from .viz import plot_bench, plot_bench_samples
 
 FORGET_CLASS = 3
 # A source checkout (the bench's results are committed there); from an installed wheel this is site-packages.
@@ -351,8 +351,8 @@ def run_bench(out=None, quick: bool = False, methods=None, settings=SETTINGS, is
 
     write_json(out / "bench.json", doc)
     write_text(out / "bench.md", markdown(doc))
-    plot(doc, out / "bench.png")
-    plot_samples(rows, pictures, out / "bench_samples.png")
+    plot_bench(doc, out / "bench.png", SETTINGS, FORGET_CLASS)
+    plot_bench_samples(rows, pictures, out / "bench_samples.png", FORGET_CLASS)
     log(f"wrote {out / 'bench.md'}, bench.json, bench.png, bench_samples.png ({doc['seconds_total']:.0f} s)")
     return doc
 
@@ -455,92 +455,6 @@ def _table(rows, measures) -> list:
             cells = [f(r) for _, f in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
-
-
-def plot(doc, path: Path) -> Path:
-    """Forget measure against retained quality (one point per model), and wall time, per setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401
-
-    settings = [s for s in SETTINGS if any(r["setting"] == s and "error" not in r for r in doc["rows"])]
-    fig, axes = plt.subplots(len(settings), 2, figsize=(11, 4.2 * len(settings)), squeeze=False)
-    models = list(dict.fromkeys(r["model"] for r in doc["rows"] if r["kind"] == "method"))
-    palette = plt.get_cmap("tab10")
-    style = {"original": ("tab:red", "s"), "retrain": ("tab:green", "*")}
-    style.update({m: (palette(2 + i % 8), "o") for i, m in enumerate(models)})
-    for i, s in enumerate(settings):
-        rows = [r for r in doc["rows"] if r["setting"] == s and "error" not in r]
-        fx, fy = ("fd_retain", "forget_rate") if s == "class" else ("fd", "near_copy_rate")
-        ax = axes[i][0]
-        for r in rows:
-            if r.get(fx) is None or r.get(fy) is None:
-                continue
-            color, marker = style[r["model"]]
-            ax.scatter(r[fx], r[fy], color=color, marker=marker, s=90 if marker == "*" else 45, label=r["model"],
-                       alpha=0.85, edgecolors="black", linewidths=0.4)
-        ax.legend(fontsize=7, loc="best")
-        ax.set_xscale("log")  # FDs span 4 (original) to ~2,000 (a collapsed model)
-        ax.set_xlabel("FD of the other digits (log; lower: closer to real)" if s == "class"
-                      else "FD of the non-copy samples (log; lower: closer to real)")
-        ax.set_ylabel(f"forget rate: label {FORGET_CLASS} still a {FORGET_CLASS}" if s == "class"
-                      else "near-copy rate of the forgotten image")
-        ax.set_title("forget one digit" if s == "class" else "forget one memorised image", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax = axes[i][1]
-        timed = [r for r in rows if r.get("seconds")]
-        ax.barh([r["model"] for r in timed], [r["seconds"] for r in timed],
-                color=[style[r["model"]][0] for r in timed])
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.set_xlabel("wall time, s (log; retrain: its training time)")
-        ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_samples(rows, pictures, path: Path) -> Optional[Path]:
-    """Per setting, one line per model: samples that show forgetting (label 3 / nearest to the glyph) and
-    samples that show what was kept (one per other label / plain samples). One mosaic image, one axes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lines = [(f"{r['setting']}: {r['model']}", pictures.get((r["setting"], r["model"]))) for r in rows]
-    lines = [ln for ln in lines if ln[1]]
-    if not lines:
-        return None
-    k, pad = 8, 1
-    h, w = lines[0][1][0].shape[-2:]
-    cell_h, cell_w = h + pad, w + pad
-    mosaic = torch.full((len(lines) * cell_h, (2 * k + 1) * cell_w), 0.35)  # grey background between cells
-    for i, (_, halves) in enumerate(lines):
-        for half, imgs in enumerate(halves):
-            for j, img in enumerate(imgs[:k]):
-                col = j + half * (k + 1)
-                tile = (img[0].float().clamp(-1, 1) + 1) / 2
-                mosaic[i * cell_h:i * cell_h + h, col * cell_w:col * cell_w + w] = tile
-    fig, ax = plt.subplots(figsize=(0.32 * (2 * k + 1) + 1.6, 0.34 * len(lines) + 0.6))
-    ax.imshow(mosaic.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xticks([(k * cell_w) / 2, (k + 1 + k / 2) * cell_w])
-    ax.set_xticklabels([f"label {FORGET_CLASS} / nearest to glyph", "other labels / samples"], fontsize=8)
-    ax.xaxis.tick_top()
-    ax.set_yticks([i * cell_h + h / 2 for i in range(len(lines))])
-    ax.set_yticklabels([name for name, _ in lines], fontsize=7)
-    ax.tick_params(length=0)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 # ------------------------------------------------------------------------------------------------ CLI

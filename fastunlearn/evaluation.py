@@ -38,139 +38,24 @@ the images themselves when they are small).
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from .errors import FastUnlearnError, InvalidArgumentError, bad_type, bad_value
-from .files import atomic_path, json_default, write_json
-from .metrics import NEAR_COPY_MSE
+from .errors import FastUnlearnError, bad_type, bad_value
+from .files import json_default, write_json
+from .metrics import NEAR_COPY_MSE, frechet_distance, judge, near_copy_rate, nearest_mse
+from .provenance import describe_forget, forget_from_meta
+from .viz import save_evaluation_picture
 
 # Recognisable: the classifier's top softmax probability exceeds this (the SISS outlier test's judge).
 CONFIDENT = 0.9
-# Forgotten images at most this many values are stored inline in fastunlearn.json (128 KiB of float32).
-INLINE_IMAGE_VALUES = 32768
 GRID_PER_ROW = 8
 METRICS_FILE = "metrics.json"
 PICTURE_FILE = "before_after.png"
-
-
-# ------------------------------------------------------------------------------------------------ metrics
-def covariance(x: torch.Tensor) -> torch.Tensor:
-    x = x.double()
-    if x.shape[0] < 2:
-        raise bad_value("features", "at least 2 samples for a covariance", x.shape[0])
-    xc = x - x.mean(0, keepdim=True)
-    return xc.T @ xc / (x.shape[0] - 1)
-
-
-def frechet_from_stats(mu1, sigma1, mu2, sigma2) -> float:
-    """‖μ1 − μ2‖² + tr Σ1 + tr Σ2 − 2 tr (Σ1 Σ2)^{1/2}, with tr (Σ1 Σ2)^{1/2} computed as the sum of the square
-    roots of the eigenvalues of the symmetric Σ1^{1/2} Σ2 Σ1^{1/2} (same spectrum, no non-symmetric sqrtm)."""
-    mu1, mu2, sigma1, sigma2 = (torch.as_tensor(v, dtype=torch.float64) for v in (mu1, mu2, sigma1, sigma2))
-    w, v = torch.linalg.eigh((sigma1 + sigma1.T) / 2)
-    root1 = (v * w.clamp_min(0).sqrt()) @ v.T
-    m = root1 @ sigma2 @ root1
-    lam = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0)
-    fd = (mu1 - mu2).pow(2).sum() + sigma1.trace() + sigma2.trace() - 2 * lam.sqrt().sum()
-    return float(fd.clamp_min(0))
-
-
-def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to feature sets ``x`` [n, d] and ``y`` [m, d] (float64)."""
-    return frechet_from_stats(x.double().mean(0), covariance(x), y.double().mean(0), covariance(y))
-
-
-def nearest_mse(samples: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Per sample: mean squared pixel distance to the nearest of ``images`` (the measure behind
-    ``metrics.near_copy_rate``)."""
-    d = torch.cdist(samples.flatten(1).float(), images.flatten(1).float()).pow(2) / samples[0].numel()
-    return d.min(1).values
-
-
-@torch.no_grad()
-def _judge(classifier, images: torch.Tensor):
-    """(predicted class, top probability, penultimate features) of images in [-1, 1]."""
-    x = images.float().clamp(-1, 1)
-    feats = classifier.embed(x) if hasattr(classifier, "embed") else classifier(x)
-    logits = classifier.head(feats) if hasattr(classifier, "head") else classifier(x)
-    prob = logits.softmax(1)
-    return prob.argmax(1), prob.max(1).values, feats.double()
-
-
-# ------------------------------------------------------------------------------------------------ provenance
-def describe_forget(forget) -> dict:
-    """What was forgotten, for ``fastunlearn.json``: class ids, the concept, or the number of images (and the
-    images themselves, base64 float32, when they hold at most ``INLINE_IMAGE_VALUES`` values)."""
-    from .targets import Classes, Concept, DataPoints
-
-    if isinstance(forget, Classes):
-        return {"kind": "classes", "ids": list(forget.ids), "override": forget.override}
-    if isinstance(forget, Concept):
-        return {"kind": "concept", "prompt": forget.prompt, "anchor": forget.anchor}
-    if isinstance(forget, DataPoints):
-        images = forget.images.detach().float().cpu().contiguous()
-        raw = images.numpy().tobytes()
-        out = {"kind": "datapoints", "n": int(images.shape[0]), "shape": list(images.shape),
-               "sha256": hashlib.sha256(raw).hexdigest(), "latents": bool(forget.latents)}
-        if forget.labels is not None:
-            labels = [int(v) for v in forget.labels]
-            out["label_counts"] = {str(c): labels.count(c) for c in sorted(set(labels))}
-        if forget.prompts is not None:
-            out["prompts"] = list(dict.fromkeys(forget.prompts))[:50]
-        if images.numel() <= INLINE_IMAGE_VALUES:
-            out["images_float32_base64"] = base64.b64encode(raw).decode("ascii")
-            if forget.labels is not None:
-                out["labels"] = labels  # per image, with the images
-            if forget.prompts is not None:
-                out["image_prompts"] = list(forget.prompts)
-        return out
-    return {"kind": type(forget).__name__}
-
-
-def _decode_images(rec: dict) -> Optional[torch.Tensor]:
-    if "images_float32_base64" not in rec:
-        return None
-    import numpy as np
-
-    arr = np.frombuffer(base64.b64decode(rec["images_float32_base64"]), dtype=np.float32).copy()
-    return torch.from_numpy(arr).view(*rec["shape"])
-
-
-def base_model_ref(model_arg, unet) -> Optional[str]:
-    """How to find the model before unlearning again: "zoo:NAME" when ``unet`` still holds a bundled model's
-    weights, the folder for a model given as a path, else None."""
-    if isinstance(model_arg, (str, Path)):
-        return str(Path(model_arg).resolve())
-    name = getattr(getattr(unet, "config", None), "fastunlearn_zoo_name", None)
-    if name:
-        from . import zoo
-
-        try:
-            ref = zoo._load(name)[0].state_dict()
-        except Exception:
-            ref = None
-        own = unet.state_dict()
-        if ref is not None and ref.keys() == own.keys() and all(
-                torch.equal(ref[k], own[k].detach().cpu()) for k in ref):
-            return f"zoo:{name}"
-        return None  # a bundled model the user changed since loading it
-    folder = getattr(model_arg, "name_or_path", None) or getattr(getattr(model_arg, "config", None),
-                                                                  "_name_or_path", None)
-    if isinstance(folder, str) and folder and Path(folder).is_dir():
-        return str(Path(folder).resolve())
-    return None
-
-
-def provenance(model_arg, unet, forget) -> dict:
-    """The ``fastunlearn.json`` fields ``evaluate`` needs: ``base_model`` and ``forgotten``."""
-    return {"base_model": base_model_ref(model_arg, unet), "forgotten": describe_forget(forget)}
 
 
 # ------------------------------------------------------------------------------------------------ resolving
@@ -214,29 +99,6 @@ def _as_result(obj, scheduler, what: str):
     raise bad_type(what, "a Result, a result or model folder, 'zoo:NAME', a diffusers model or a pipeline", obj)
 
 
-def _forget_from_meta(meta: dict):
-    from .targets import Classes, Concept, DataPoints
-
-    rec = meta.get("forgotten") or {}
-    kind = rec.get("kind")
-    if kind == "classes":
-        return Classes(list(rec["ids"]), override=rec.get("override"))
-    if kind == "concept":
-        return Concept(rec["prompt"], anchor=rec.get("anchor"))
-    if kind == "datapoints":
-        images = _decode_images(rec)
-        if images is None and rec.get("prompts"):  # a text model: its measure is the forgotten prompt's shift
-            return Concept(rec["prompts"][0])
-        if images is None:
-            raise InvalidArgumentError(
-                f"forget: the result forgot {rec.get('n')} images too large to store in fastunlearn.json; "
-                "pass them (evaluate(..., forget=fu.DataPoints(...)) or fastunlearn eval --forget-data DIR)")
-        labels = torch.tensor(rec["labels"]) if rec.get("labels") is not None else None
-        return DataPoints(images, labels=labels, prompts=rec.get("image_prompts"),
-                          latents=bool(rec.get("latents", False)))
-    return None
-
-
 def _sample(res, n: int, labels, steps: int, seed: int, class_prompts=None) -> torch.Tensor:
     """Samples of a result (its one-step generator for SFD) or a plain model (DDIM), in [-1, 1], on CPU;
     with ``class_prompts``, class ``c`` is drawn with the prompt ``class_prompts[c]``."""
@@ -275,11 +137,11 @@ def _default_judge(shape, classifier, reference):
     if classifier is None and reference is None:
         if not _BUNDLED_JUDGE:
             clf, ref = zoo.classifier(), datasets.digits()
-            _BUNDLED_JUDGE["judge"] = (clf, ref.labels, _judge(clf, ref.images)[2])
+            _BUNDLED_JUDGE["judge"] = (clf, ref.labels, judge(clf, ref.images)[2])
         return _BUNDLED_JUDGE["judge"]
     classifier = (classifier or zoo.classifier()).eval()
     reference = reference if reference is not None else datasets.digits()
-    return classifier, reference.labels, _judge(classifier, reference.images)[2]
+    return classifier, reference.labels, judge(classifier, reference.images)[2]
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
@@ -308,7 +170,7 @@ def evaluate(result, *, before=None, forget=None, scheduler=None, reference=None
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        png = _save_picture(out / PICTURE_FILE, grid, report["method"])
+        png = save_evaluation_picture(out / PICTURE_FILE, grid, report["method"])
         report["files"] = {"metrics": str(out / METRICS_FILE), "picture": str(png) if png else None}
         write_json(out / METRICS_FILE, report)
     return report
@@ -327,7 +189,7 @@ def _evaluate(result, *, before=None, forget=None, scheduler=None, reference=Non
     res, folder = _as_result(result, scheduler, "result")
     meta = res.meta or {}
     if forget is None:
-        forget = _forget_from_meta(meta)
+        forget = forget_from_meta(meta)
     before_res = None
     if before is None and meta.get("base_model"):
         before = meta["base_model"]
@@ -415,7 +277,7 @@ def _class_measures(res, clf, ref_feats, classes, n_per_class, steps, seed, forg
                     class_prompts=None):
     labels = torch.tensor(classes).repeat_interleave(n_per_class)
     imgs = _sample(res, labels.numel(), labels, steps, seed, class_prompts)
-    pred, _, feats = _judge(clf, imgs)
+    pred, _, feats = judge(clf, imgs)
     rec = {c: float((pred[labels == c] == c).float().mean()) for c in classes}
     fd = {c: frechet_distance(feats[labels == c], ref_feats[c]) for c in classes if c in ref_feats}
     kept = [c for c in classes if c not in forgotten]
@@ -426,7 +288,7 @@ def _class_measures(res, clf, ref_feats, classes, n_per_class, steps, seed, forg
         m["fd_forget"] = _mean(fd[c] for c in forgotten if c in fd)
     if forget_imgs is not None:
         mask = torch.isin(labels, torch.tensor(forgotten)) if forgotten else torch.ones_like(labels, dtype=torch.bool)
-        m["near_copy_rate"] = float((nearest_mse(imgs[mask], forget_imgs) < NEAR_COPY_MSE).float().mean())
+        m["near_copy_rate"] = near_copy_rate(imgs[mask], forget_imgs)
     rows = [imgs[labels == c][:GRID_PER_ROW] for c in classes]
     return m, rows
 
@@ -460,7 +322,7 @@ def _evaluate_classes(res, before_res, forget, clf, ref_labels, rf, n_per_class,
 
 def _uncond_measures(res, clf, ref_feats, n, steps, seed, forget_imgs):
     imgs = _sample(res, n, None, steps, seed)
-    pred, conf, feats = _judge(clf, imgs)
+    pred, conf, feats = judge(clf, imgs)
     m = {}
     near = torch.zeros(n, dtype=torch.bool)
     order = torch.arange(n)
@@ -556,45 +418,6 @@ def _evaluate_text(res, before_res, forget, prompts, seed, settings, steps: int 
     except FastUnlearnError:
         pass  # results without a sampler for prompts: numbers only
     return report, grid
-
-
-# ------------------------------------------------------------------------------------------------ files
-def _save_picture(path: Path, grid, method) -> Optional[Path]:
-    if grid is None:
-        return None
-    from .viz import save_before_after
-
-    title = f"{method or 'model'}: samples before and after unlearning (same seeds)"
-    if grid["before"] is not None:
-        return save_before_after(path, grid["before"], grid["after"], grid["labels"], title=title,
-                                 highlight_rows=grid["highlight"])
-    return _save_after_only(path, grid["after"], grid["labels"], f"{method or 'model'}: samples (no base model "
-                            "to compare with)")
-
-
-def _save_after_only(path: Path, rows, row_labels, title) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = max(r.shape[0] for r in rows)
-    fig, axes = plt.subplots(len(rows), k, figsize=(0.55 * k, 0.6 * len(rows) + 0.6), squeeze=False)
-    for r, row in enumerate(rows):
-        for j in range(k):
-            ax = axes[r][j]
-            ax.axis("off")
-            if j < row.shape[0]:
-                img = ((row[j].float().clamp(-1, 1) + 1) / 2)
-                img = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
-                ax.imshow(img.numpy(), cmap="gray", vmin=0, vmax=1)
-        axes[r][0].text(-0.2, 0.5, row_labels[r], transform=axes[r][0].transAxes, ha="right", va="center",
-                        fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 def _mean(values):

@@ -2,10 +2,11 @@
 (trained on real digits, ``fastunlearn.zoo.classifier``)."""
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 
+from .errors import bad_value
 from .sampling import ddim_sample
 
 # A generated image counts as a near-copy of a forgotten image when their mean squared pixel distance
@@ -41,8 +42,7 @@ def recognition_rates(model, scheduler, classes: Iterable[int] = range(10), n_pe
 def near_copy_rate(samples: torch.Tensor, forgotten: torch.Tensor, threshold: float = NEAR_COPY_MSE) -> float:
     """Fraction of ``samples`` whose nearest forgotten image is closer than ``threshold`` (mean squared
     pixel distance)."""
-    d = torch.cdist(samples.flatten(1).float(), forgotten.flatten(1).float()).pow(2) / samples[0].numel()
-    return float((d.min(1).values < threshold).float().mean())
+    return float((nearest_mse(samples, forgotten) < threshold).float().mean())
 
 
 def summarize_classes(before: dict, after: dict, forgotten: Iterable[int]) -> dict:
@@ -60,3 +60,46 @@ def summarize_classes(before: dict, after: dict, forgotten: Iterable[int]) -> di
         "retain_ratio_min": min(kept_ratio.values()) if kept_ratio else 1.0,
         "per_class_before": before, "per_class_after": after,
     }
+
+
+@torch.no_grad()
+def judge(classifier, images: torch.Tensor):
+    """(predicted class, top probability, penultimate features) of images in [-1, 1]."""
+    x = images.float().clamp(-1, 1)
+    feats = classifier.embed(x) if hasattr(classifier, "embed") else classifier(x)
+    logits = classifier.head(feats) if hasattr(classifier, "head") else classifier(x)
+    prob = logits.softmax(1)
+    return prob.argmax(1), prob.max(1).values, feats.double()
+
+
+# ------------------------------------------------------------------ Fréchet distance (FID's recipe on any features)
+def covariance(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    if x.shape[0] < 2:
+        raise bad_value("features", "at least 2 samples for a covariance", x.shape[0])
+    xc = x - x.mean(0, keepdim=True)
+    return xc.T @ xc / (x.shape[0] - 1)
+
+
+def frechet_from_stats(mu1, sigma1, mu2, sigma2) -> float:
+    """‖μ1 − μ2‖² + tr Σ1 + tr Σ2 − 2 tr (Σ1 Σ2)^{1/2}, with tr (Σ1 Σ2)^{1/2} computed as the sum of the square
+    roots of the eigenvalues of the symmetric Σ1^{1/2} Σ2 Σ1^{1/2} (same spectrum, no non-symmetric sqrtm)."""
+    mu1, mu2, sigma1, sigma2 = (torch.as_tensor(v, dtype=torch.float64) for v in (mu1, mu2, sigma1, sigma2))
+    w, v = torch.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (v * w.clamp_min(0).sqrt()) @ v.T
+    m = root1 @ sigma2 @ root1
+    lam = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0)
+    fd = (mu1 - mu2).pow(2).sum() + sigma1.trace() + sigma2.trace() - 2 * lam.sqrt().sum()
+    return float(fd.clamp_min(0))
+
+
+def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets ``x`` [n, d] and ``y`` [m, d] (float64)."""
+    return frechet_from_stats(x.double().mean(0), covariance(x), y.double().mean(0), covariance(y))
+
+
+def nearest_mse(samples: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Per sample: mean squared pixel distance to the nearest of ``images`` (the measure behind
+    ``metrics.near_copy_rate``)."""
+    d = torch.cdist(samples.flatten(1).float(), images.flatten(1).float()).pow(2) / samples[0].numel()
+    return d.min(1).values
