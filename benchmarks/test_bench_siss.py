@@ -11,7 +11,7 @@ import torch
 
 import fastunlearn as fu
 from fastunlearn.methods import get_method
-from fastunlearn.methods.siss import official_losses
+from helpers.siss_official import official_losses
 from fastunlearn.models import build_digits_unet, digits_scheduler
 from fastunlearn.run import Run, step_generator
 

@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from helpers.models import tiny_unet
 
 os.environ.setdefault("FASTUNLEARN_KERNELS", "torch")
 
@@ -9,18 +10,6 @@ os.environ.setdefault("FASTUNLEARN_KERNELS", "torch")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def tiny_unet(class_conditional=True, null=True):
-    """A random tiny UNet2DModel (8x8, 1 channel) for fast tests."""
-    from diffusers import UNet2DModel
-
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, num_class_embeds=(11 if null else 10) if class_conditional else None)
-    if class_conditional and null:
-        unet.register_to_config(fastunlearn_null_class=10)
-    return unet
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +25,7 @@ def digits_rates_before():
 
 @pytest.fixture
 def make_tiny_unet():
-    """The ``tiny_unet`` builder as a fixture: under --import-mode=importlib tests cannot import conftest."""
+    """The tiny UNet builder (``helpers.models.tiny_unet``) as a fixture."""
     return tiny_unet
 
 

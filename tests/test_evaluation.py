@@ -6,18 +6,7 @@ import torch
 import fastunlearn as fu
 from fastunlearn.metrics import NEAR_COPY_MSE
 from fastunlearn.models import digits_scheduler
-
-
-def tiny_unet(class_conditional=True):
-    """A random tiny 8x8 UNet (the conftest's, which --import-mode=importlib keeps from being imported)."""
-    from diffusers import UNet2DModel
-
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, num_class_embeds=11 if class_conditional else None)
-    if class_conditional:
-        unet.register_to_config(fastunlearn_null_class=10)
-    return unet
+from helpers.models import tiny_unet
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

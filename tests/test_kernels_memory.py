@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten
 
 import fastunlearn as fu
 from fastunlearn.methods import get_method
-from fastunlearn.methods.siss import official_losses
+from helpers.siss_official import official_losses
 from fastunlearn.run import Run, step_generator
 
 B = 8

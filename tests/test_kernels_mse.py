@@ -9,7 +9,7 @@ import torch
 
 from fastunlearn import losses
 from fastunlearn.kernels import _common as C
-from fastunlearn.kernels import testing as T
+from helpers import kernels as T
 from fastunlearn.kernels import mse as K
 
 pytestmark = [pytest.mark.skipif(not T.kernels_can_run(), reason=T.SKIP_REASON),

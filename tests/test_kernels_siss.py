@@ -11,7 +11,7 @@ import torch
 
 from fastunlearn import losses
 from fastunlearn.kernels import _common as C
-from fastunlearn.kernels import testing as T
+from helpers import kernels as T
 from fastunlearn.kernels import siss as K
 from fastunlearn.models import digits_scheduler
 

@@ -14,18 +14,14 @@ import fastunlearn.result as result_mod
 from fastunlearn.checkpoint import CHECKPOINTS, list_checkpoints, step_of
 from fastunlearn.errors import CorruptResultError, InvalidArgumentError, MissingFileError, NonFiniteError, WriteError
 from fastunlearn.methods import REGISTRY
+from helpers.models import tiny_unet
 
 
 def _tiny():
-    from diffusers import UNet2DModel
     from fastunlearn.models import digits_scheduler
 
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, num_class_embeds=11)
-    unet.register_to_config(fastunlearn_null_class=10)
-    return unet, digits_scheduler()
+    return tiny_unet(), digits_scheduler()
 
 
 def _split():

@@ -28,16 +28,12 @@ def _split():
 
 
 def _model():
-    """The tiny class-conditional UNet of conftest.tiny_unet, built here so the subprocess can too."""
-    from diffusers import UNet2DModel
+    """The tiny class-conditional UNet with fixed weights (a function, so that the killed subprocess builds it too)."""
     from fastunlearn.models import digits_scheduler
+    from helpers.models import tiny_unet
 
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, num_class_embeds=11)
-    unet.register_to_config(fastunlearn_null_class=10)
-    return unet, digits_scheduler()
+    return tiny_unet(), digits_scheduler()
 
 
 def _assert_same_weights(a, b):

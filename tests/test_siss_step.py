@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastunlearn.methods import get_method
-from fastunlearn.methods.siss import official_losses
+from helpers.siss_official import official_losses
 from fastunlearn.run import Run, step_generator
 
 

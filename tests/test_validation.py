@@ -15,19 +15,16 @@ from hypothesis import strategies as st
 import fastunlearn as fu
 from fastunlearn.errors import FastUnlearnError
 from fastunlearn.methods import REGISTRY, Method
+from helpers.models import tiny_unet
 
 
 @functools.lru_cache(maxsize=None)
 def _setup():
     """A tiny class-conditional UNet (10 classes + null), its scheduler and a digits split (built once)."""
-    from diffusers import UNet2DModel
     from fastunlearn.models import digits_scheduler
 
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, num_class_embeds=11)
-    unet.register_to_config(fastunlearn_null_class=10)
+    unet = tiny_unet()
     data = fu.datasets.digits()
     three = data.labels == 3
     forget = fu.DataPoints(data.images[three][:8], labels=data.labels[three][:8])
@@ -36,11 +33,7 @@ def _setup():
 
 
 def _uncond_unet():
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4)
+    return tiny_unet(class_conditional=False)
 
 
 class _Probe(Method):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _common as C
+from fastunlearn.kernels import _common as C
 
 SKIP_REASON = ("Triton kernels need CUDA or TRITON_INTERPRET=1 before triton is imported; "
                "tests/test_kernels_interpreter.py reruns this file that way")
