@@ -45,15 +45,22 @@ def clip_factor(norm_sq: float, max_norm: float | None) -> float:
     return min(1.0, max_norm / (norm + 1e-6))
 
 
+def negation_scale(norm_a: float, scaling_norm: float, eps_norm: float = 1e-12) -> float:
+    """SISS's c = S/max(‖g_a‖, ε) (§2.2, §2.7 guard); 0 when ‖g_a‖ is 0 (there is no forget direction to
+    scale, and the reported loss ℓ_x − c·ℓ_a stays ℓ_x) or not finite."""
+    if not (math.isfinite(norm_a) and norm_a > 0.0):
+        return 0.0
+    c = scaling_norm / max(norm_a, eps_norm)
+    return c if math.isfinite(c) else 0.0
+
+
 def norm_fixed_negation(g_x, g_a, params, scaling_norm: float, max_grad_norm: float | None,
                         eps_norm: float = 1e-12) -> dict:
-    """SISS's update direction (§2.2, §2.7): g = g_x − c·g_a with c = S/max(‖g_a‖, ε), then the
-    global clip, written into ``p.grad`` in one pass. c = 0 when it is not finite (e.g. g_a = 0)."""
+    """SISS's update direction (§2.2, §2.7): g = g_x − c·g_a with c = ``negation_scale(‖g_a‖)``, then the
+    global clip, written into ``p.grad`` in one pass."""
     nx2, na2, dot = pair_stats(g_x, g_a)
     na = math.sqrt(max(na2, 0.0))
-    c = scaling_norm / max(na, eps_norm)
-    if not math.isfinite(c) or not math.isfinite(na2):
-        c = 0.0
+    c = negation_scale(na, scaling_norm, eps_norm)
     norm_sq = nx2 - 2.0 * c * dot + c * c * na2
     clip = clip_factor(norm_sq, max_grad_norm)
     write_combination(params, g_x, clip, g_a, -c * clip)

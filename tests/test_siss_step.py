@@ -47,17 +47,18 @@ def test_siss_step_matches_two_backward_reference(tiny, digits_split, lambd, S):
     assert stats["clip"] <= 1.0 and stats["neggrad_scale"] > 0
 
 
-def test_zero_forget_gradient_gives_zero_scale(tiny, digits_split):
+def test_zero_forget_gradient_gives_zero_scale():
     from fastunlearn.surgery import norm_fixed_negation
 
     params = [torch.nn.Parameter(torch.randn(3, 3)) for _ in range(2)]
     g_x = [torch.randn(3, 3) for _ in params]
     g_a = [torch.zeros(3, 3) for _ in params]
+    norm_x = float(torch.sqrt(sum(g.pow(2).sum() for g in g_x)))
+    expected = [g * min(1.0, 1.0 / (norm_x + 1e-6)) for g in g_x]  # g_x alone, clipped to norm 1
     stats = norm_fixed_negation(g_x, g_a, params, 5.0, 1.0)
-    assert stats["neggrad_scale"] == pytest.approx(5.0 / 1e-12) or stats["neggrad_scale"] == 0.0
-    assert all(torch.isfinite(p.grad).all() for p in params)
-    total = torch.sqrt(sum(p.grad.pow(2).sum() for p in params))
-    assert float(total) <= 1.0 + 1e-5
+    assert stats["neggrad_scale"] == 0.0 and stats["grad_norm_a"] == 0.0
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-6, atol=0)
 
 
 def test_nonfinite_forget_gradient_is_dropped():
@@ -97,12 +98,30 @@ def test_baseline_steps_write_finite_clipped_grads(tiny, digits_split, name):
     assert stats["grad_norm"] > 0
 
 
+def _denoising_loss(run, data, seed=123):
+    """The plain ε-prediction MSE on ``data`` at fixed timesteps and noise (the same draws at every call)."""
+    gen = torch.Generator().manual_seed(seed)
+    x0 = data.images
+    t = torch.randint(0, 1000, (x0.shape[0],), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    gamma, sigma = run.gamma_sigma(t)
+    x_t = run.bview(gamma, x0) * x0 + run.bview(sigma, noise) * noise
+    with torch.no_grad():
+        return float(torch.nn.functional.mse_loss(run.model(x_t, t, class_labels=data.labels).sample, noise))
+
+
 def test_neggrad_ascends_forget_loss(tiny, digits_split):
     forget, retain = digits_split
     run = _run(tiny, forget, retain)
     method = get_method("neggrad")(run)
-    stats = method.step(0, step_generator(0, 0))
-    assert stats["loss"] < 0  # −s · ℓ_a
+    opt = torch.optim.Adam(run.trainable_parameters(), lr=1e-3)
+    before = _denoising_loss(run, forget)
+    for step in range(10):
+        method.step(step, step_generator(0, step))
+        opt.step()
+        opt.zero_grad()
+    after = _denoising_loss(run, forget)
+    assert after > 1.5 * before, (before, after)  # gradient ascent: the forget data got harder to denoise
 
 
 def test_lagged_norm_uses_last_measured_scale(tiny, digits_split):

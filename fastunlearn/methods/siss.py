@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import torch
 
-from ..surgery import clip_single, dense_grads, norm_fixed_negation
+from ..surgery import clip_single, dense_grads, negation_scale, norm_fixed_negation
 from .. import ops
 from ..conditioning import where_cond
 from ..losses import dsm_loss
@@ -124,7 +124,7 @@ class _NormFixed(_DeletionMethod):
             self._norm_a = stats["grad_norm_a"]
             return stats
         # Lagged approximation (§2.8, optional): c from the last measured ‖g_a‖, one VJP of ℓ_x − c·ℓ_a.
-        c = self.opts["scaling_norm"] / max(self._norm_a, 1e-12)
+        c = negation_scale(self._norm_a, self.opts["scaling_norm"])
         params = self.trainable_parameters()
         g = torch.autograd.grad(loss_x - c * loss_a, params, allow_unused=True)
         g = dense_grads(g, params)
