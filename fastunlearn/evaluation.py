@@ -430,34 +430,26 @@ def format_report(r: dict) -> str:
     """A few human-readable lines of an evaluation."""
     lines = [f"method: {r.get('method')}   forgotten: {_short(r.get('forgotten'))}   base: {r.get('base_model')}"]
 
-    def pct(v):
-        return "-" if v is None else f"{v:.1%}"
-
-    def num(v):
-        return "-" if v is None else f"{v:.3g}"
+    def table(cols, width):
+        """A header row and one row per side (before/after) present: rates as percentages, the rest as numbers."""
+        lines.append(f"{'':8}" + "".join(f"{c:>{width}}" for c in cols))
+        for side in ("before", "after"):
+            if side in r:
+                cells = (r[side].get(c) for c in cols)
+                lines.append(f"{side:8}" + "".join(
+                    f"{'-' if v is None else format(v, '.1%' if 'rate' in c else '.3g'):>{width}}"
+                    for c, v in zip(cols, cells)))
 
     if r["kind"] == "text" and "concept_shift" in r:
         lines.append(f"concept shift {r['concept_shift']:.4g}; unrelated prompts {r['unrelated_shift_mean']:.4g} "
                      f"(ratio {r['locality']:.3g})")
     if r["kind"] == "class" or (r["kind"] == "text" and "after" in r):  # text: classes through their prompts
-        cols = ["forget_rate", "retain_rate", "fd_forget", "fd_retain", "near_copy_rate"]
-        lines.append(f"{'':8}" + "".join(f"{c:>16}" for c in cols))
-        for side in ("before", "after"):
-            if side in r:
-                m = r[side]
-                lines.append(f"{side:8}" + "".join(
-                    f"{(pct if 'rate' in c else num)(m.get(c)):>16}" for c in cols))
+        table(["forget_rate", "retain_rate", "fd_forget", "fd_retain", "near_copy_rate"], 16)
         if "retain_ratio_mean" in r:
             lines.append(f"other classes keep {r['retain_ratio_mean']:.1%} of their recognition rate "
                          f"(worst {r['retain_ratio_min']:.1%})")
     elif r["kind"] in ("data", "unconditional"):
-        cols = ["near_copy_rate", "recognisable_rate", "fd"]
-        lines.append(f"{'':8}" + "".join(f"{c:>20}" for c in cols))
-        for side in ("before", "after"):
-            if side in r:
-                m = r[side]
-                lines.append(f"{side:8}" + "".join(
-                    f"{(pct if 'rate' in c else num)(m.get(c)):>20}" for c in cols))
+        table(["near_copy_rate", "recognisable_rate", "fd"], 20)
     return "\n".join(lines)
 
 

@@ -92,6 +92,21 @@ class _DeletionMethod(Method):
         params = self.trainable_parameters()
         return torch.autograd.grad(losses_, params, allow_unused=True, retain_graph=retain_last)
 
+    def denoising_loss(self, batch, gen):
+        """The plain ε-prediction loss on ``batch`` at timesteps and noise drawn from ``gen`` (§3.1, §3.2)."""
+        run = self.run
+        t = self.timesteps(gen, batch.x0.shape[0])
+        noise = torch.randn(batch.x0.shape, generator=gen, dtype=batch.x0.dtype)
+        gamma, sigma = run.gamma_sigma(t)
+        batch, noise, t, gamma, sigma = run.to_device(batch, noise, t, gamma, sigma)
+        x_t = run.bview(gamma, noise) * batch.x0 + run.bview(sigma, noise) * noise
+        return dsm_loss(run.denoiser(x_t.to(run.dtype), t, batch.cond), noise)
+
+    def write_clipped(self, loss) -> dict:
+        """∇loss, clipped to ``max_grad_norm``, into ``p.grad``."""
+        params = self.trainable_parameters()
+        return clip_single(dense_grads(self.grads(loss), params), params, self.opts["max_grad_norm"])
+
 
 class _NormFixed(_DeletionMethod):
     """SISS and SISS (No IS) share §2.2's surgery: g = g_x − (S/‖g_a‖) g_a, global clip."""
@@ -125,11 +140,7 @@ class _NormFixed(_DeletionMethod):
             return stats
         # Lagged approximation (§2.8, optional): c from the last measured ‖g_a‖, one VJP of ℓ_x − c·ℓ_a.
         c = negation_scale(self._norm_a, self.opts["scaling_norm"])
-        params = self.trainable_parameters()
-        g = torch.autograd.grad(loss_x - c * loss_a, params, allow_unused=True)
-        g = dense_grads(g, params)
-        return {**clip_single(g, params, self.opts["max_grad_norm"]), "neggrad_scale": c,
-                "grad_norm_a": self._norm_a}
+        return {**self.write_clipped(loss_x - c * loss_a), "neggrad_scale": c, "grad_norm_a": self._norm_a}
 
     def state_dict(self):
         return {"norm_a": self._norm_a}
@@ -198,18 +209,8 @@ class NaiveDeletion(_DeletionMethod):
     needs_forget_data = False
 
     def step(self, step, gen):
-        run, B = self.run, self.run.batch_size
-        keep = run.retain_batch(gen, B)
-        t = self.timesteps(gen, B)
-        noise = torch.randn(keep.x0.shape, generator=gen, dtype=keep.x0.dtype)
-        gamma, sigma = run.gamma_sigma(t)
-        keep, noise, t, gamma, sigma = run.to_device(keep, noise, t, gamma, sigma)
-        x_t = run.bview(gamma, noise) * keep.x0 + run.bview(sigma, noise) * noise
-        loss = dsm_loss(run.denoiser(x_t.to(run.dtype), t, keep.cond), noise)
-        (g,) = (self.grads(loss),)
-        g = dense_grads(g, self.trainable_parameters())
-        stats = clip_single(g, self.trainable_parameters(), self.opts["max_grad_norm"])
-        return {"loss": loss.item(), **stats}
+        loss = self.denoising_loss(self.run.retain_batch(gen, self.run.batch_size), gen)
+        return {"loss": loss.item(), **self.write_clipped(loss)}
 
 
 @register
@@ -225,15 +226,6 @@ class NegGrad(_DeletionMethod):
         check_positive_float("superfactor_decay", opts["superfactor_decay"])
 
     def step(self, step, gen):
-        run, B = self.run, self.run.batch_size
-        forget = run.forget_batch(gen, B)
-        t = self.timesteps(gen, B)
-        noise = torch.randn(forget.x0.shape, generator=gen, dtype=forget.x0.dtype)
-        gamma, sigma = run.gamma_sigma(t)
-        forget, noise, t, gamma, sigma = run.to_device(forget, noise, t, gamma, sigma)
-        x_t = run.bview(gamma, noise) * forget.x0 + run.bview(sigma, noise) * noise
         s = self.opts["superfactor"] * self.opts["superfactor_decay"] ** step
-        loss = -s * dsm_loss(run.denoiser(x_t.to(run.dtype), t, forget.cond), noise)
-        g = dense_grads(self.grads(loss), self.trainable_parameters())
-        stats = clip_single(g, self.trainable_parameters(), self.opts["max_grad_norm"])
-        return {"loss": loss.item(), "superfactor": s, **stats}
+        loss = -s * self.denoising_loss(self.run.forget_batch(gen, self.run.batch_size), gen)
+        return {"loss": loss.item(), "superfactor": s, **self.write_clipped(loss)}
