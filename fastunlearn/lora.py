@@ -1,9 +1,9 @@
 """LoRA adapters through peft: trained roles on one shared frozen base.
 
 The frozen teacher is the same model with the adapters switched off, never a second copy; the roles
-themselves (which adapter is which, switching between them) are ``fastunlearn.roles``. Default targets follow diffusers' training scripts: the attention projections
-(``to_q``, ``to_k``, ``to_v``, ``to_out.0``); models without attention (the digits UNets) get the convolutions
-of their ResNet blocks.
+themselves (which adapter is which, switching between them) are ``fastunlearn.roles``. Default targets
+follow diffusers' training scripts: the attention projections (``to_q``, ``to_k``, ``to_v``, ``to_out.0``);
+models without attention (the digits UNets) get the convolutions of their ResNet blocks.
 """
 from __future__ import annotations
 

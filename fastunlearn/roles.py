@@ -58,9 +58,8 @@ class Roles:
         self.own = self.trained[0]
         self.names = ((TEACHER,) if teacher else ()) + self.trained
         model = self.model
-        # role -> {name: tensor}: what each trained role trains; role -> {name: tensor} bound over the model's own
-        self._params = {self.own: {n: p for n, p in model.named_parameters() if p.requires_grad}}
-        self._copies: dict = {}
+        self._params = {self.own: {n: p for n, p in model.named_parameters() if p.requires_grad}}  # what each trains
+        self._copies: dict = {}  # role -> {name: tensor} bound over the model's own for its calls (no LoRA)
         self._adapters = {self.own: OWN_ADAPTER} if self.lora else {}
         if self.lora:
             for i, role in enumerate(self.trained[1:], start=1):
@@ -88,7 +87,9 @@ class Roles:
             torch.manual_seed(seed)
             add_lora(self.model, run.lora_rank, adapter_name=role)
         self._adapters[role] = role
-        self._params[role] = {n: p for n, p in self.model.named_parameters() if f".{role}." in n}
+        own = self._params[self.own]  # the same layers as the run's own adapter trains
+        self._params[role] = {n: p for n, p in self.model.named_parameters()
+                              if f".{role}." in n and n.replace(f".{role}.", f".{OWN_ADAPTER}.") in own}
 
     # ------------------------------------------------------------------ what the others query
     def parameters(self, role: Optional[str] = None) -> list:
