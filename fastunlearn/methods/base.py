@@ -65,9 +65,9 @@ class Method:
         """Raise a clear error for a bad option value; called before any work starts."""
 
     def setup(self) -> None:
-        """Build roles and choose the trainable parameters."""
+        """Choose the trainable parameters and declare the roles (``self.roles = Roles(self.run, ...)``)."""
 
-    _roles = None
+    _roles = None  # declared in setup, or the default built on first use
 
     @property
     def roles(self):
