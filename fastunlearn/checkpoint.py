@@ -2,8 +2,9 @@
 
 Layout (``output_dir/checkpoints/step-00000040/``):
 
-* ``weights.safetensors``: the trainable tensors the optimizer updates, by parameter name (the LoRA
-  adapter weights when ``lora_rank`` is set; the frozen base is the user's model and is not copied).
+* ``weights.safetensors``: the trained tensors of every role (``fastunlearn.roles``) by parameter name:
+  the ones the optimizer updates and a method's own further roles (SFD's fake score); the LoRA adapter
+  weights when ``lora_rank`` is set (the frozen base is the user's model and is not copied).
 * ``state.safetensors``: every tensor of the optimizer state, of the method's ``state_dict()`` and of
   the RNG states (torch CPU/CUDA, numpy).
 * ``state.json``, written last: the step, the history, the run's settings (a fingerprint checked on
@@ -397,12 +398,9 @@ class Checkpointer:
                 shutil.rmtree(p, ignore_errors=True)
 
     def _named_trainable(self) -> dict:
-        """The optimizer's parameters by name (``extra.i`` for ones outside the run's model)."""
-        names = {id(p): n for n, p in self._run.model.named_parameters()}
-        out = {}
-        for i, p in enumerate(self._method.trainable_parameters()):
-            out[names.get(id(p), f"extra.{i}")] = p
-        return out
+        """Every trained role's tensors by name (``Roles.named_parameters``): the training loop's and the
+        ones a method updates itself (SFD's fake score)."""
+        return self._method.roles.named_parameters()
 
 
 def _short(x) -> str:

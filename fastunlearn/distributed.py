@@ -161,17 +161,16 @@ class DataParallel:
     def __init__(self, run, method):
         import torch.distributed as dist
 
-        from .runtime import role_modules
-
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
-        self.modules = [run.model, *role_modules(method, run)]
+        # Every role runs on run.model (fastunlearn.roles): its adapters, or its copies bound over the weights.
+        roles, model = method.roles, run.model
+        copies = [t for tensors in roles.copies().values() for t in tensors.values()]
+        self.weights = [*model.parameters(), *copies]
         with torch.no_grad():  # same starting weights everywhere (adapters drawn from each process's RNG)
-            for mod in self.modules:
-                for t in [*mod.parameters(), *mod.buffers()]:
-                    dist.broadcast(t.data, src=0)
-        self.splits = [_RowSplit(mod, self.rank, self.size) for mod in self.modules]
-        self.hooks = [p.register_hook(_all_reduce_sum) for mod in self.modules for p in mod.parameters()
-                      if p.requires_grad]
+            for t in [*self.weights, *model.buffers()]:
+                dist.broadcast(t.data, src=0)
+        self.splits = [_RowSplit(model, self.rank, self.size)]
+        self.hooks = [p.register_hook(_all_reduce_sum) for p in roles.parameters()]
 
     def detach(self) -> float:
         """Remove the row split and the hooks; returns the largest weight difference to process 0 (0.0
@@ -184,11 +183,10 @@ class DataParallel:
             h.remove()
         worst = torch.zeros((), dtype=torch.float64)
         with torch.no_grad():
-            for mod in self.modules:
-                for p in mod.parameters():
-                    ref = p.detach().clone()
-                    dist.broadcast(ref, src=0)
-                    worst = torch.maximum(worst, (ref.double() - p.detach().double()).abs().max().cpu())
+            for p in self.weights:
+                ref = p.detach().clone()
+                dist.broadcast(ref, src=0)
+                worst = torch.maximum(worst, (ref.double() - p.detach().double()).abs().max().cpu())
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         return float(worst)
 
@@ -204,7 +202,8 @@ def check_args(checkpoint_every=None, resume=False) -> None:
 
 
 def attach(run, method) -> Optional[DataParallel]:
-    """Split ``run``'s role networks across the launched processes (None for a single process)."""
+    """Split the calls of ``run.model`` in every role of ``method`` across the launched processes (None for a
+    single process)."""
     if world_size() < 2 or not init(run.device):
         return None
     return DataParallel(run, method)

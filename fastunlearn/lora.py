@@ -1,9 +1,9 @@
 """LoRA adapters through peft: trained roles on one shared frozen base.
 
-The frozen teacher is the same model with the adapters switched off (``adapters_off``), never a second
-copy. Default targets follow diffusers' training scripts: the attention projections
-(``to_q``, ``to_k``, ``to_v``, ``to_out.0``); models without attention (the digits UNets) get the convolutions
-of their ResNet blocks.
+The frozen teacher is the same model with the adapters switched off, never a second copy; the roles
+themselves (which adapter is which, switching between them) are ``fastunlearn.roles``. Default targets
+follow diffusers' training scripts: the attention projections (``to_q``, ``to_k``, ``to_v``, ``to_out.0``);
+models without attention (the digits UNets) get the convolutions of their ResNet blocks.
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: Optional[float] = None,
 
 @contextlib.contextmanager
 def adapters_off(model: torch.nn.Module):
-    """The base model: every LoRA layer disabled for the duration (the frozen teacher)."""
+    """The base model: every LoRA layer disabled for the duration. Methods evaluate their teacher through
+    ``fastunlearn.roles.Roles``; this is for code that holds a bare model with adapters (the planner)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]

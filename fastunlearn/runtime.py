@@ -14,9 +14,9 @@ exists and what it buys at SDXL scale.
   equals the input outside the trained parameters bit for bit.
 * ``gradient_checkpointing``: diffusers' per-block checkpointing (every ResNet and transformer block
   recomputed in the backward), about −85% activation memory for +48% FLOPs at 1024 px (§6.1). The
-  recomputation runs each block in the role it had in the forward (``checkpoint_in_role``): with LoRA
-  roles on one base (SFD's generator, fake score and teacher) the active adapter changes between a
-  forward and its backward.
+  recomputation runs each block in the role it had in the forward (``checkpoint_in_role``): with the
+  roles on one base (SFD's generator, fake score and teacher; ``fastunlearn.roles``) the active adapter or
+  the bound weights change between a forward and its backward.
 * ``attention`` "sdpa" (PyTorch scaled-dot-product attention, diffusers' default) | "xformers" (when
   installed; §4 explains why SDPA is as fast today).
 * ``compile``: regional compilation (§4): only the repeated blocks (``BasicTransformerBlock`` for SD/SDXL,
@@ -161,27 +161,29 @@ def set_attention(model: torch.nn.Module, attention: Optional[str]) -> None:
 
 
 def _role_state(module: torch.nn.Module) -> list:
-    """What decides a block's computation besides its inputs and weights: each submodule's train/eval
-    mode and, for peft LoRA layers, whether adapters are on and which one is active."""
+    """What decides a block's computation besides its inputs: each submodule's train/eval mode, the tensors
+    bound as its parameters (a role's copies, bound by ``functional_call``, ``fastunlearn.roles``) and, for
+    peft LoRA layers, whether adapters are on and which one is active."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return [(m, m.training, m._disable_adapters, m._active_adapter) if isinstance(m, BaseTunerLayer)
-            else (m, m.training) for m in module.modules()]
+    return [(m, m.training, dict(m._parameters), m._disable_adapters, m._active_adapter)
+            if isinstance(m, BaseTunerLayer) else (m, m.training, dict(m._parameters)) for m in module.modules()]
 
 
 def _set_role_state(state: list) -> None:
     # Attributes set directly: peft's set_adapter/enable_adapters would also flip requires_grad.
-    for entry in state:
-        entry[0].training = entry[1]
-        if len(entry) == 4:
-            entry[0]._disable_adapters, entry[0]._active_adapter = entry[2], entry[3]
+    for m, training, params, *adapters in state:
+        m.training = training
+        m._parameters.update(params)
+        if adapters:
+            m._disable_adapters, m._active_adapter = adapters
 
 
 def checkpoint_in_role(module, *args, **kwargs):
     """diffusers' checkpointing (non-reentrant ``torch.utils.checkpoint``), except that the backward's
     recomputation runs ``module`` in the state it had in the forward (``_role_state``). Without this, a
     role switched between the forward and the backward (SFD's fake score or teacher on the shared base,
-    backpropagated after the generator's adapter is active again) is recomputed as another network: a
+    backpropagated after the generator's adapter or weights are back) is recomputed as another network: a
     checkpoint metadata error, or silently wrong gradients where the shapes agree."""
     state = _role_state(module)
     calls = [0]
@@ -224,20 +226,19 @@ class Applied:
     def __init__(self, run, rt: Runtime):
         self.run, self.rt = run, rt
         self.hooks: list = []
-        self.roles: list = []
         self._tf32_prev = None
 
     def release(self) -> None:
         """Remove the autocast hooks, restore TF32 flags and put the frozen weights back at the input
-        model's precision (from the untouched input: frozen weights were never trained)."""
+        model's precision (from the untouched input: frozen weights were never trained). The roles' copies
+        need nothing: results are built from them after this (``Roles.plain_module``)."""
         for h in self.hooks:
             h.remove()
         self.hooks = []
         if self._tf32_prev is not None:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._tf32_prev
             self._tf32_prev = None
-        for m in [self.run.model, *self.roles]:  # the roles are copies of the input: same names
-            restore_dtypes(m, self.run.original)
+        restore_dtypes(self.run.model, self.run.original)
 
 
 def restore_dtypes(model: torch.nn.Module, original: torch.nn.Module) -> None:
@@ -257,44 +258,32 @@ def restore_dtypes(model: torch.nn.Module, original: torch.nn.Module) -> None:
             p.data = src.detach().to(p.device).clone()
 
 
-def role_modules(method, run) -> list:
-    """The denoisers a method built besides ``run.model`` (SFD without LoRA: the fake score and the teacher
-    are copies), found among its attributes and one level down (e.g. SFD's ``roles``). With LoRA every
-    role is ``run.model`` itself and this is empty."""
-    from diffusers import ModelMixin
-
-    seen, out = {id(run.model), id(run.original)}, []
-
-    def visit(obj, depth):
-        for v in vars(obj).values():
-            if isinstance(v, ModelMixin):
-                if id(v) not in seen:
-                    seen.add(id(v))
-                    out.append(v)
-            elif (depth == 0 and v is not run and not isinstance(v, torch.nn.Module) and hasattr(v, "__dict__")
-                  and type(v).__module__.startswith("fastunlearn")):
-                visit(v, depth + 1)
-
-    if method is not None:
-        visit(method, 0)
-    return out
+def cast_copies(roles, dtype: torch.dtype) -> None:
+    """The roles' copies of the trained tensors (no LoRA) like the model's own: a frozen snapshot (the
+    teacher) to ``dtype``, a trained copy (SFD's fake score) to fp32."""
+    for role, tensors in roles.copies().items():
+        want = torch.float32 if role in roles.trained else dtype
+        for t in tensors.values():
+            if t.is_floating_point() and t.dtype != want:
+                t.data = t.data.to(want)
 
 
 def apply(run, rt: Runtime, method=None) -> Applied:
-    """Apply ``rt`` to ``run.model`` and to the method's other role networks (``role_modules``), after the
-    method built its roles, so every adapter exists."""
+    """Apply ``rt`` to ``run.model``, after the method declared its roles (``method.roles``): every adapter
+    exists then, and every role runs on ``run.model``, its copies (no LoRA) cast like the model's own."""
     state = Applied(run, rt)
-    state.roles = role_modules(method, run)
-    device = next(run.model.parameters()).device
-    for model in [run.model, *state.roles]:
-        set_attention(model, rt.attention)
-        if rt.gradient_checkpointing:
-            enable_checkpointing(model)
-        cast_frozen(model, rt.dtype)
-        if rt.precision != "fp32":
-            state.hooks.append(_AutocastHooks(model, device.type, rt.dtype))
-        if rt.compile:
-            compile_regions(model)
+    model = run.model
+    device = next(model.parameters()).device
+    set_attention(model, rt.attention)
+    if rt.gradient_checkpointing:
+        enable_checkpointing(model)
+    cast_frozen(model, rt.dtype)
+    if method is not None:
+        cast_copies(method.roles, rt.dtype)
+    if rt.precision != "fp32":
+        state.hooks.append(_AutocastHooks(model, device.type, rt.dtype))
+    if rt.compile:
+        compile_regions(model)
     run.dtype = torch.float32  # inputs in fp32; autocast picks the compute precision
     if rt.tf32:  # global flags, read by CUDA matmuls/convolutions only (harmless elsewhere)
         state._tf32_prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)

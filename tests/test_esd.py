@@ -10,7 +10,8 @@ import fastunlearn as fu
 from fastunlearn import ops
 from fastunlearn.errors import InvalidArgumentError
 from fastunlearn.methods import get_method
-from fastunlearn.methods.esd import FrozenTeacher, ddim_states
+from fastunlearn.methods.esd import ddim_states
+from fastunlearn.roles import Roles
 from fastunlearn.run import Run, step_generator
 
 
@@ -64,16 +65,16 @@ def test_frozen_teacher_keeps_only_the_trained_tensors(tiny):
     run = _run(tiny)
     for name, p in run.model.named_parameters():
         p.requires_grad_(name.startswith("class_embedding"))
-    teacher = FrozenTeacher(run)
-    assert list(teacher.frozen) == ["class_embedding.weight"]
+    frozen = Roles(run).copies()["teacher"]
+    assert list(frozen) == ["class_embedding.weight"]
     total = sum(p.numel() * 4 for p in run.model.parameters())
-    assert teacher.frozen_bytes() < 0.05 * total
+    assert sum(t.numel() * t.element_size() for t in frozen.values()) < 0.05 * total
 
 
 def test_lora_teacher_is_the_model_with_adapters_off(tiny):
     run = _run(tiny, lora_rank=2)
     m = _method(run)
-    assert m.teacher.frozen is None
+    assert not m.roles.copies()  # no copy of any weight: the teacher is the base with adapters off
     for p in m.trainable_parameters():
         p.data.add_(0.05)  # a trained adapter
     x, t, c = torch.randn(2, 1, 8, 8), torch.tensor([500, 20]), torch.tensor([3, 3])

@@ -121,12 +121,12 @@ def _generator_loss_reference(m, labels, d, coefs):
     z = d.z.to(run.dtype)
     x = m.sigma_init * z
     t_star = torch.full((z.shape[0],), m.opts["t_init"])
-    eps = Denoiser(roles.generator)(x, t_star, labels.gen)
+    eps = roles.eps("generator", x, t_star, labels.gen)
     x_g = x / m.gamma_init - (m.sigma_init / m.gamma_init) * eps
     gamma, sigma = (v.to(run.dtype) for v in run.gamma_sigma(d.t))
     x_t = _bview(gamma, x_g) * x_g + _bview(sigma, x_g) * d.e.to(run.dtype)
-    eps_phi = Denoiser(roles.teacher)(x_t, d.t, labels.teacher)
-    eps_psi = Denoiser(roles.fake)(x_t, d.t, labels.gen)
+    eps_phi = roles.eps("teacher", x_t, d.t, labels.teacher)
+    eps_psi = roles.eps("fake_score", x_t, d.t, labels.gen)
     n = labels.n_remain
     a = m.opts["alpha"]
     loss = x0_space_sid(x_g[:n], d.e[:n].to(run.dtype), eps_phi[:n], eps_psi[:n], gamma[:n], sigma[:n], a,
@@ -141,7 +141,7 @@ def _perturb_fake(m, scale=0.02):
     """Make ψ differ from the teacher (at initialisation they are equal and ℓ_SiD's gradient is tiny)."""
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        for p in m.roles.psi:
+        for p in m.psi:
             p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
@@ -158,9 +158,9 @@ def test_generator_gradient_matches_x0_space_autograd_float64(tiny, g_forget_coe
     assert (labels.gen[3:] == 3).all() and (labels.teacher[3:] == 8).all()  # fake at c_f, teacher at c_o
     assert torch.equal(labels.gen[:3], labels.teacher[:3]) and not (labels.gen[:3] == 3).any()
     loss, _, _ = m.generator_loss(labels, d, coefs)
-    got = torch.autograd.grad(loss, m.roles.theta)
+    got = torch.autograd.grad(loss, m.theta)
     ref_loss = _generator_loss_reference(m, labels, d, coefs)
-    ref = torch.autograd.grad(ref_loss, m.roles.theta)
+    ref = torch.autograd.grad(ref_loss, m.theta)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
     scale = max(r.abs().max() for r in ref)
     assert scale > 0
@@ -179,8 +179,8 @@ def _changed(params, before):
 def test_fake_score_and_generator_steps_change_only_their_own_parameters(tiny):
     run = _run(tiny[0])
     m = _method(run)
-    teacher = list(m.roles.teacher.parameters())
-    theta, psi = m.roles.theta, m.roles.psi
+    teacher = list(m.roles.copies()["teacher"].values())
+    theta, psi = m.theta, m.psi
     t0, th0, ps0 = _snapshot(teacher), _snapshot(theta), _snapshot(psi)
     assert not any(p.requires_grad for p in teacher)
     assert {id(p) for p in theta}.isdisjoint({id(p) for p in psi})
@@ -219,20 +219,20 @@ def test_a_nan_row_in_the_fake_score_step_keeps_the_other_rows_gradient(tiny):
 
     m.generate = planted
     loss, loss_r, loss_f = m.fake_score_loss(labels, d, coefs)
-    got = torch.autograd.grad(loss, m.roles.psi, allow_unused=True)
+    got = torch.autograd.grad(loss, m.psi, allow_unused=True)
     assert torch.isfinite(loss) and all(g is None or torch.isfinite(g).all() for g in got)
 
     m.generate = clean  # reference: the clean batch, the planted row left out of the sums
     with torch.no_grad():
         x_g = clean(d.z, m.cond(labels.gen))
     x_t, t, e, _, _ = m.noised(x_g, d)
-    eps_psi = m.roles.eps("fake", x_t, t, m.cond(labels.gen), train=True)
+    eps_psi = m.roles.eps("fake_score", x_t, t, m.cond(labels.gen), train=True)
     per = ((eps_psi - e) ** 2).flatten(1).sum(1)
     n_r, keep = labels.n_remain, torch.ones(per.numel(), dtype=torch.bool)
     keep[bad] = False
     ref_loss = (coefs["sg_remain_coef"] * per[:n_r][keep[:n_r]].sum() / n_r
                 + coefs["sg_forget_coef"] * per[n_r:].sum() / (per.numel() - n_r))
-    ref = torch.autograd.grad(ref_loss, m.roles.psi, allow_unused=True)
+    ref = torch.autograd.grad(ref_loss, m.psi, allow_unused=True)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     scale = max(r.abs().max() for r in ref if r is not None)
     assert scale > 0
@@ -249,9 +249,9 @@ def test_fake_score_step_alone_leaves_generator_untouched(tiny):
     gen = step_generator(0, 0)
     coefs = m.coefficients(0)
     labels = m.draw_labels(gen, coefs)
-    th0 = _snapshot(m.roles.theta)
+    th0 = _snapshot(m.theta)
     m.fake_score_step(labels, m.draw(gen, labels.gen.numel()), coefs)
-    assert not any(_changed(m.roles.theta, th0)) and all(p.grad is None for p in m.roles.theta)
+    assert not any(_changed(m.theta, th0)) and all(p.grad is None for p in m.theta)
 
 
 def test_lora_roles_share_one_base_and_stay_separate(tiny):
@@ -259,25 +259,25 @@ def test_lora_roles_share_one_base_and_stay_separate(tiny):
     run = _run(unet, lora_rank=2)
     m = _method(run)
     roles = m.roles
-    assert roles.teacher is run.model and roles.fake is run.model  # one copy of the base weights
+    assert not roles.copies()  # one copy of the base weights: every role is an adapter on run.model (or none)
     base = {n: p for n, p in run.model.named_parameters() if "lora_" not in n}
     base0 = {n: p.detach().clone() for n, p in base.items()}
-    assert roles.theta and roles.psi and len(roles.theta) == len(roles.psi)
-    assert all(".default." in n for n, p in run.model.named_parameters() if any(p is q for q in roles.theta))
+    assert m.theta and m.psi and len(m.theta) == len(m.psi)
+    assert all(".default." in n for n, p in run.model.named_parameters() if any(p is q for q in m.theta))
     # the teacher is the base with adapters off; at initialisation all three roles agree (LoRA B = 0)
     x, t, c = torch.randn(2, 1, 8, 8), torch.tensor([100, 500]), torch.tensor([1, 2])
     with torch.no_grad():
-        outs = [roles.eps(r, x, t, c) for r in ("teacher", "fake", "generator")]
+        outs = [roles.eps(r, x, t, c) for r in ("teacher", "fake_score", "generator")]
     torch.testing.assert_close(outs[0], outs[1])
     torch.testing.assert_close(outs[0], outs[2])
 
-    th0, ps0 = _snapshot(roles.theta), _snapshot(roles.psi)
+    th0, ps0 = _snapshot(m.theta), _snapshot(m.psi)
     m.step(0, step_generator(0, 0))
     assert all(torch.equal(base[n], base0[n]) for n in base)
-    assert any(_changed(roles.psi, ps0)) and not any(_changed(roles.theta, th0))
-    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in roles.theta)
+    assert any(_changed(m.psi, ps0)) and not any(_changed(m.theta, th0))
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in m.theta)
     with torch.no_grad():
-        teacher, fake = roles.eps("teacher", x, t, c), roles.eps("fake", x, t, c)
+        teacher, fake = roles.eps("teacher", x, t, c), roles.eps("fake_score", x, t, c)
     assert not torch.allclose(teacher, fake)
     with torch.no_grad():
         torch.testing.assert_close(teacher, Denoiser(unet)(x, t, c))  # still the input model after training
@@ -302,8 +302,8 @@ def test_zero_forget_coefficients_reduce_to_plain_sid(tiny):
         fake_loss, loss_r, loss_f = m.fake_score_loss(labels, d_psi, coefs)
         assert loss_f.item() == 0.0 and torch.equal(fake_loss, loss_r)
         loss, _, _ = m.generator_loss(labels, d, coefs)
-        got = torch.autograd.grad(loss, m.roles.theta)
-        ref = torch.autograd.grad(_generator_loss_reference(m, labels, d, coefs), m.roles.theta)
+        got = torch.autograd.grad(loss, m.theta)
+        ref = torch.autograd.grad(_generator_loss_reference(m, labels, d, coefs), m.theta)
         scale = max(r.abs().max() for r in ref)
         for g_, r in zip(got, ref):
             torch.testing.assert_close(g_.double(), r, rtol=1e-4, atol=1e-5 * scale)
@@ -354,16 +354,16 @@ def test_resume_from_method_state_is_exact(tiny):
 
     first = _method(_run(copy.deepcopy(base)))
     opt = _train(first, 2)
-    weights = _snapshot(first.trainable_parameters())
+    weights = {n: p.detach().clone() for n, p in first.roles.named_parameters().items()}  # θ and ψ: what checkpoints save
     state, opt_state = copy.deepcopy(first.state_dict()), copy.deepcopy(opt.state_dict())
 
     resumed = _method(_run(copy.deepcopy(base)))
     with torch.no_grad():
-        for p, w in zip(resumed.trainable_parameters(), weights):
-            p.copy_(w)
+        for n, p in resumed.roles.named_parameters().items():
+            p.copy_(weights[n])
     resumed.load_state_dict(state)
     _train(resumed, 4, start=2, opt_state=opt_state)
-    for a, b in zip(full.trainable_parameters() + full.roles.psi, resumed.trainable_parameters() + resumed.roles.psi):
+    for a, b in zip(full.trainable_parameters() + full.psi, resumed.trainable_parameters() + resumed.psi):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -454,10 +454,10 @@ def test_concepts_on_a_text_model():
     assert torch.equal(cond_teacher["encoder_hidden_states"][n:], vocab["a dog"].expand(3, 3, 8))
     remain = cond_gen["encoder_hidden_states"][:n]
     assert all(any(torch.equal(r, vocab[p]) for p in ("a tree", "a car")) for r in remain)
-    th0 = _snapshot(m.roles.theta)
+    th0 = _snapshot(m.theta)
     stats = m.step(0, step_generator(0, 0))
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
-    assert not any(_changed(m.roles.theta, th0)) and any(p.grad.abs().max() > 0 for p in m.roles.theta)
+    assert not any(_changed(m.theta, th0)) and any(p.grad.abs().max() > 0 for p in m.theta)
 
 
 # ------------------------------------------------------------------------------------------ bundled model
@@ -484,8 +484,8 @@ def test_lora_adapters_start_from_the_run_seed(tiny):
 
     def adapters(seed, noise):
         torch.manual_seed(noise)
-        roles = _method(_run(unet, lora_rank=2, seed=seed)).roles
-        return [p.detach().clone() for p in roles.theta + roles.psi]
+        m = _method(_run(unet, lora_rank=2, seed=seed))
+        return [p.detach().clone() for p in m.theta + m.psi]
 
     a, b, c = adapters(0, 1), adapters(0, 2), adapters(1, 1)
     assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Dict, Optional
 import torch
 
 from ..errors import bad_type, bad_value
+from ..roles import Roles
 
 REGISTRY: Dict[str, type] = {}
 
@@ -64,7 +65,22 @@ class Method:
         """Raise a clear error for a bad option value; called before any work starts."""
 
     def setup(self) -> None:
-        """Build roles and choose the trainable parameters."""
+        """Choose the trainable parameters and declare the roles (``self.roles = Roles(self.run, ...)``)."""
+
+    _roles = None  # declared in setup, or the default built on first use
+
+    @property
+    def roles(self):
+        """The networks the method evaluates (``fastunlearn.roles.Roles``), which runtime, distributed,
+        checkpoints and results act on. Methods with a teacher or several trained roles declare theirs in
+        ``setup``; the others train the run's model alone (asked for after ``setup``)."""
+        if self._roles is None:
+            self._roles = Roles(self.run, teacher=False)
+        return self._roles
+
+    @roles.setter
+    def roles(self, value) -> None:
+        self._roles = value
 
     def trainable_parameters(self) -> list:
         raise NotImplementedError

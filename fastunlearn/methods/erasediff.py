@@ -112,10 +112,11 @@ import torch
 from .. import ops
 from ..conditioning import cat_cond, cond_len, take_cond
 from ..errors import bad_type, bad_value
+from ..roles import Roles
 from ..surgery import clip_factor, clip_single, dense_grads, pair_stats, write_combination
 from ..targets import Classes, Concept, DataPoints
 from .base import Method, check_choice, check_positive_float, register
-from .esd import FrozenTeacher, PARAM_SUBSETS, apply_param_subset, check_params, encode_prompts, generate
+from .esd import PARAM_SUBSETS, apply_param_subset, check_params, encode_prompts, generate
 
 FORGET_TARGETS = ("relabel", "uniform")
 LAMBDA_RULES = ("fixed", "adaptive", "bome")
@@ -192,7 +193,7 @@ class EraseDiff(Method):
             raise bad_value("forget_target", "'uniform' for an unconditional model ('relabel' maps the forget "
                             "data onto another class or prompt, and this model has none)", "relabel")
         apply_param_subset(run, o["params"])
-        self.teacher = FrozenTeacher(run) if run.lora_rank is not None else None
+        self.teacher = Roles(run).network("teacher") if run.lora_rank is not None else None  # adapters off
         self._data_seed = run.seed * 7919 + 17  # generated data: fixed per run, so a resumed run sees the same
         forget = run.forget_target
         self.forgotten = None  # class ids the relabel target must avoid

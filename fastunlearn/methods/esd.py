@@ -65,11 +65,11 @@ training seeds (0-0.3% on 300 other samples). The few that resist come from nois
 unconditional model turns into a 3, and one row cannot fully outweigh the low-noise states that dominate
 the MEAN loss. The erased label then draws mostly 4s; since only its row moved, η costs the others nothing.
 
-The frozen teacher without a second model (§6.5 wants one copy of the weights): with ``lora_rank`` the
-teacher is the same model with its adapters switched off; without LoRA only the trained tensors are kept
-as a frozen copy and swapped in with ``torch.func.functional_call`` (for ``esd-x`` on SD that is the ~3%
-of the weights in ``attn2``, never the whole UNet). The teacher's c and ∅ evaluations share one 2B
-forward (§6.5).
+The frozen teacher without a second model (§6.5 wants one copy of the weights; ``fastunlearn.roles``): with
+``lora_rank`` the teacher is the same model with its adapters switched off; without LoRA only the trained
+tensors are kept as a frozen copy and swapped in with ``torch.func.functional_call`` (for ``esd-x`` on SD
+that is the ~3% of the weights in ``attn2``, never the whole UNet). The teacher's c and ∅ evaluations
+share one 2B forward (§6.5).
 
 Trajectory pool (``trajectory_pool``, on by default). Producing x_t costs up to 49 DDIM steps × 2 (CFG)
 frozen UNet calls per iteration, ~50× the training forward (§6.4). Because the current code samples x_t
@@ -105,6 +105,7 @@ import torch
 from .. import ops
 from ..conditioning import cat_cond, cond_len, cond_to, take_cond
 from ..errors import bad_type, bad_value
+from ..roles import Roles, set_trainable
 from ..run import step_generator
 from ..surgery import clip_single, dense_grads
 from ..targets import Classes, Concept
@@ -147,8 +148,7 @@ def apply_param_subset(run, subset: str) -> None:
                         subset)
     keep = PARAM_SUBSETS[subset]
     lora = run.lora_rank is not None
-    for name, p in run.model.named_parameters():
-        p.requires_grad_(keep(name) and (("lora_" in name) if lora else True))
+    set_trainable(run.model, lambda name: keep(name) and (("lora_" in name) if lora else True))
     if not any(p.requires_grad for p in run.model.parameters()):
         raise bad_value("params", "a subset with trainable parameters (with lora_rank, one that holds LoRA "
                         "adapters)", subset)
@@ -160,40 +160,6 @@ def encode_prompts(run, prompts):
         raise bad_value("model", "a text-to-image pipeline (prompts need its text encoder; a bare "
                         "UNet2DConditionModel has none)", type(run.model).__name__)
     return run.encode_prompts(list(prompts))
-
-
-def model_kwargs(den, cond) -> dict:
-    if den.kind == "text":
-        return dict(cond)
-    if den.kind == "class":
-        return {"class_labels": cond}
-    return {}
-
-
-class FrozenTeacher:
-    """ε_θ*(x_t, t, c) of the frozen base, sharing the trained model's weights (module docstring).
-
-    Build it after the trainable subset is final: without LoRA it snapshots exactly those tensors."""
-
-    def __init__(self, run):
-        self.run = run
-        self.lora = run.lora_rank is not None
-        self.frozen = None if self.lora else {
-            n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
-
-    @torch.no_grad()
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
-        run = self.run
-        if self.lora:
-            from ..lora import adapters_off
-
-            with adapters_off(run.model):
-                return run.denoiser(x_t, t, cond)
-        out = torch.func.functional_call(run.model, self.frozen, (x_t, t), model_kwargs(run.denoiser, cond))
-        return out.sample
-
-    def frozen_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.frozen or {}).values())
 
 
 class ClassMeanNull:
@@ -332,7 +298,7 @@ class ESD(Method):
         self.eta = o["negative_guidance"]
         if self.eta is None:
             self.eta = self.negative_guidance_default["classes" if classes else "concept"]
-        self.teacher = FrozenTeacher(run)
+        self.roles = Roles(run)  # the frozen base θ* and the trained θ on one model (module docstring)
         self._eps, self.null_rows = self.teacher, 1  # ε of the frozen base; ∅ costs one row per row
         self._build_conditions(run.forget_target)
         self.pool_size = o["pool_size"] or 4 * run.batch_size
@@ -384,6 +350,11 @@ class ESD(Method):
 
     def trainable_parameters(self):
         return self.run.trainable_parameters()
+
+    @torch.no_grad()
+    def teacher(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        """ε_θ*(x_t, t, c) of the frozen base."""
+        return self.roles.eps("teacher", x_t, t, cond)
 
     # ------------------------------------------------------------------------------ x_t
     def _null_rows(self, n):

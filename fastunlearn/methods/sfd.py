@@ -29,10 +29,12 @@ the official DDPM code, §5.3; not by norm). Both optimizers are Adam with β1 =
 
 Two optimizers, one training loop. ``fastunlearn.train`` owns one optimizer over
 ``trainable_parameters()``: those are θ's (the generator is what SFD delivers). The ψ update, with its own
-Adam (``lr_fake``), happens inside ``step()`` before the θ gradients are written; ψ's weights and optimizer
-state travel with ``state_dict()`` / ``load_state_dict()``, so checkpoints resume exactly.
+Adam (``lr_fake``), happens inside ``step()`` before the θ gradients are written; ψ's weights are a trained
+role that checkpoints save, and its optimizer state travels with ``state_dict()`` / ``load_state_dict()``,
+so checkpoints resume exactly.
 
-Memory. Without LoRA the three roles are three modules (fine for small models). With ``lora_rank`` the
+Memory (``fastunlearn.roles``). Without LoRA θ is the model's own weights, and φ and ψ are copies of them
+bound over the model for their calls (three sets of weights, fine for small models). With ``lora_rank`` the
 teacher is the shared base with adapters off, and θ and ψ are two named LoRA adapters on that base
 (``"default"``, the Run's adapter, for θ and ``"fake_score"`` for ψ): one copy of the base weights.
 
@@ -69,9 +71,7 @@ it) and CFG inside distillation (the DDPM code uses none; SD's κ = 4.5 is not i
 """
 from __future__ import annotations
 
-import copy
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +81,7 @@ from ..conditioning import slice_cond, take_cond
 from ..errors import bad_type, bad_value
 from ..losses import sum_dims
 from ..models import Denoiser
+from ..roles import Roles
 from ..surgery import dense_grads
 from ..targets import Classes, Concept
 from .base import Method, check_positive_float, register
@@ -88,7 +89,6 @@ from .base import Method, check_positive_float, register
 # Official DDPM timesteps (§5.5) on the linear β schedule 1e-4 → 0.02, T = 1000; other schedules use the
 # timesteps with the same noise level s_t.
 _OFFICIAL_T = dict(t_min=38, t_init=440, t_max=712)
-_FAKE_ADAPTER = "fake_score"
 
 
 def _linear_noise_level(t: int) -> float:
@@ -121,77 +121,6 @@ class Labels:
     gen: torch.Tensor
     teacher: torch.Tensor
     n_remain: int
-
-
-class _Roles:
-    """Teacher φ, fake score ψ and generator θ as modules (copies) or as LoRA adapters on one base."""
-
-    def __init__(self, run):
-        self.run = run
-        self.shared = run.lora_rank is not None
-        self.generator = run.model
-        if self.shared:
-            from ..lora import add_lora
-
-            cuda = [run.device.index or 0] if run.device.type == "cuda" else []
-            with warnings.catch_warnings(), torch.random.fork_rng(devices=cuda):
-                warnings.simplefilter("ignore")  # peft warns that a second adapter is being added; that is the point
-                torch.manual_seed(run.seed + 1)  # ψ's adapter starts from the run's seed, like θ's (run.py)
-                add_lora(run.model, run.lora_rank, adapter_name=_FAKE_ADAPTER)
-            self.theta = [p for n, p in run.model.named_parameters() if "lora_" in n and f".{_FAKE_ADAPTER}." not in n]
-            self.psi = [p for n, p in run.model.named_parameters() if f".{_FAKE_ADAPTER}." in n]
-            self.psi_names = [n for n, _ in run.model.named_parameters() if f".{_FAKE_ADAPTER}." in n]
-            self.fake = self.teacher = run.model
-            self._activate("generator")
-        else:
-            self.theta = run.trainable_parameters()
-            self.fake = copy.deepcopy(run.model)  # keeps the Run's trainable subset
-            self.teacher = copy.deepcopy(run.model).requires_grad_(False).eval()
-            self.psi = [p for p in self.fake.parameters() if p.requires_grad]
-            self.psi_names = [n for n, p in self.fake.named_parameters() if p.requires_grad]
-
-    def _layers(self):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        return [m for m in self.run.model.modules() if isinstance(m, BaseTunerLayer)]
-
-    def _activate(self, role: str):
-        """Shared base: switch every LoRA layer to the role's adapter (or off for the teacher). peft's
-        switch freezes the inactive adapter; gradients are always taken explicitly w.r.t. one role's
-        parameters, so both adapters keep ``requires_grad`` and the graph of either stays usable."""
-        for layer in self._layers():
-            if role == "teacher":
-                layer.enable_adapters(False)
-            else:
-                layer.enable_adapters(True)
-                layer.set_adapter("default" if role == "generator" else _FAKE_ADAPTER)
-        for p in self.theta + self.psi:
-            p.requires_grad_(True)
-
-    def eps(self, role: str, x_t, t, cond, train: bool = False):
-        """ε of ``role`` at (x_t, t, cond). ``train`` sets the role's train/eval mode (dropout, §5.3)."""
-        module = {"generator": self.generator, "fake": self.fake, "teacher": self.teacher}[role]
-        if self.shared:
-            self._activate(role)
-        module.train(train and role != "teacher")
-        try:
-            return Denoiser(module)(x_t, t, cond)
-        finally:
-            if self.shared:
-                self._activate("generator")
-
-    def plain_modules(self):
-        """(generator, fake score) as plain diffusers models with any adapter merged in."""
-        if not self.shared:
-            return self.generator, self.fake
-        from ..lora import merged_copy
-
-        out = []
-        for role in ("generator", "fake"):
-            self._activate(role)
-            out.append(merged_copy(self.run.model))
-        self._activate("generator")
-        return tuple(out)
 
 
 @register
@@ -252,8 +181,11 @@ class SFD(Method):
             raise bad_value("t_init", f"an int timestep in [0, {T})", t_init)
         self.den = Denoiser(run.model)
         self._conditions()
-        self.roles = _Roles(run)
-        self.fake_optimizer = torch.optim.Adam(self.roles.psi, lr=self.opts["lr_fake"], betas=(0.0, 0.999),
+        # Teacher φ, generator θ (the run's own trained role) and fake score ψ, all the input model at first
+        # (§5.1): LoRA adapters on one base, or copies of the trained tensors (fastunlearn.roles).
+        self.roles = Roles(run, trained=("generator", "fake_score"))
+        self.theta, self.psi = self.roles.parameters("generator"), self.roles.parameters("fake_score")
+        self.fake_optimizer = torch.optim.Adam(self.psi, lr=self.opts["lr_fake"], betas=(0.0, 0.999),
                                                eps=1e-8)
         g, s = run.gamma_sigma(torch.tensor([t_init]))
         self.gamma_init, self.sigma_init = float(g), float(s)
@@ -310,7 +242,7 @@ class SFD(Method):
         self.remain_ids = torch.arange(2, len(prompts))
 
     def trainable_parameters(self):
-        return self.roles.theta
+        return self.theta
 
     # ------------------------------------------------------------------ pieces
     def cond(self, ids: torch.Tensor):
@@ -378,7 +310,7 @@ class SFD(Method):
             good_in = torch.isfinite(x_g.float()).flatten(1).all(1)
             x_g = torch.where(_rows(good_in, x_g), x_g, torch.zeros_like(x_g))
         x_t, t, e, _, _ = self.noised(x_g, d)
-        eps_psi = self.roles.eps("fake", x_t.to(self.run.dtype), t, self.cond(labels.gen), train=True)
+        eps_psi = self.roles.eps("fake_score", x_t.to(self.run.dtype), t, self.cond(labels.gen), train=True)
         e = e.to(eps_psi.device).float()
         with torch.no_grad():
             good = good_in.to(eps_psi.device) & torch.isfinite(eps_psi.float()).flatten(1).all(1)
@@ -396,7 +328,7 @@ class SFD(Method):
         x_t, t, e, gamma, sigma = self.noised(x_g, d)
         x_t = x_t.to(self.run.dtype)
         eps_phi = self.roles.eps("teacher", x_t, t, self.cond(labels.teacher))
-        eps_psi = self.roles.eps("fake", x_t, t, self.cond(labels.gen), train=False)
+        eps_psi = self.roles.eps("fake_score", x_t, t, self.cond(labels.gen), train=False)
         s_t = (sigma / gamma).to(e.device)
         n_r = labels.n_remain
         alpha = self.opts["alpha"]
@@ -410,9 +342,9 @@ class SFD(Method):
 
     def fake_score_step(self, labels: Labels, d: Draws, coefs) -> dict:
         loss, loss_r, loss_f = self.fake_score_loss(labels, d, coefs)
-        grads = torch.autograd.grad(loss, self.roles.psi, allow_unused=True)
+        grads = torch.autograd.grad(loss, self.psi, allow_unused=True)
         self.fake_optimizer.zero_grad(set_to_none=True)
-        self._write_grads(self.roles.psi, grads)
+        self._write_grads(self.psi, grads)
         self.fake_optimizer.step()
         self.fake_optimizer.zero_grad(set_to_none=True)
         return {"loss_fake": loss.item(), "loss_fake_remain": loss_r.item(), "loss_fake_forget": loss_f.item()}
@@ -426,39 +358,34 @@ class SFD(Method):
         d_theta = self.draw(gen, n)  # independent z, t, e for the θ step (§5.9)
         stats = self.fake_score_step(labels, d_psi, coefs)
         loss, loss_r, loss_f = self.generator_loss(labels, d_theta, coefs)
-        grads = torch.autograd.grad(loss, self.roles.theta, allow_unused=True)
-        self._write_grads(self.roles.theta, grads)
+        grads = torch.autograd.grad(loss, self.theta, allow_unused=True)
+        self._write_grads(self.theta, grads)
         return {"loss": loss.item(), "loss_gen_remain": loss_r.item(), "loss_gen_forget": loss_f.item(),
                 "forgetting": float(coefs["g_forget_coef"] > 0 or coefs["sg_forget_coef"] > 0), **stats}
 
     # ------------------------------------------------------------------ checkpoints and results
     def state_dict(self):
-        return {"fake_score": {n: p.detach().clone() for n, p in zip(self.roles.psi_names, self.roles.psi)},
-                "fake_optimizer": self.fake_optimizer.state_dict()}
+        """ψ's optimizer; ψ's weights are a trained role, which checkpoints save with the others (``roles``)."""
+        return {"fake_optimizer": self.fake_optimizer.state_dict()}
 
     def load_state_dict(self, state):
-        if not state:
-            return
-        weights = state["fake_score"]
-        with torch.no_grad():
-            for n, p in zip(self.roles.psi_names, self.roles.psi):
-                p.copy_(weights[n])
-        self.fake_optimizer.load_state_dict(state["fake_optimizer"])
+        if state:
+            self.fake_optimizer.load_state_dict(state["fake_optimizer"])
 
     def finish(self, result):
         """``result.generator``: G_θ; ``result.model``: the fake score ψ, the denoiser of the generator's
         (unlearned) distribution; ``result.extras``: what one-step sampling needs. With LoRA both are
         merged, and the two adapters are kept in ``result.lora_roles``: ``Result.save`` writes the generator's
         as the diffusers LoRA file (``pipe.load_lora_weights(dir)`` loads G_θ) and ψ's under ``fake_score/``."""
-        if self.roles.shared:
+        roles = self.roles
+        if roles.lora:
             from ..lora import adapter_payload, base_reference
 
             model = self.run.model
-            result.lora_roles = {"generator": adapter_payload(model, "default"),
-                                 "fake_score": adapter_payload(model, _FAKE_ADAPTER), "base": base_reference(model)}
-        generator, fake = self.roles.plain_modules()
-        result.generator = generator.eval()
-        result.model = fake.eval()
+            result.lora_roles = {role: adapter_payload(model, roles.adapter(role)) for role in roles.trained}
+            result.lora_roles["base"] = base_reference(model)
+        result.generator = roles.plain_module("generator").eval()
+        result.model = roles.plain_module("fake_score").eval()
         result.extras.update(t_init=self.opts["t_init"], gamma_init=self.gamma_init, sigma_init=self.sigma_init)
 
     @staticmethod
