@@ -61,11 +61,15 @@ def _flag_error(message: str, args) -> str:
 
 
 def _settings(args) -> dict:
-    """The ``RunConfig`` fields the erase flags set (``add_config_flags``)."""
+    """The ``RunConfig`` fields the erase flags set (``add_config_flags``), and the checkpoint folder: the result
+    folder, when the run writes or resumes checkpoints."""
     from .config import fields
 
-    return {f.name: getattr(args, f.metadata["flag"].dest or f.name) for f in fields()
-            if f.metadata["flag"] is not None}
+    settings = {f.name: getattr(args, f.metadata["flag"].dest or f.name) for f in fields()
+                if f.metadata["flag"] is not None}
+    resume = args.resume_from_checkpoint is not None
+    out = args.result_dir or args.output_dir
+    return {**settings, "resume": resume, "output_dir": out if (args.checkpoint_every or resume) else None}
 
 
 def _check_erase_args(args) -> None:
@@ -179,16 +183,13 @@ def _erase(args):
                     forget = fu.DataPoints(data.images[hit], labels=data.labels[hit])
         options = dict(_parse_option(o) for o in args.option)
         callback = _validation_writer(args)
-        resume = args.resume_from_checkpoint is not None
-        out = args.result_dir or args.output_dir
         res = fu.erase(model, forget=forget, retain=retain, method=args.method, scheduler=scheduler, **_settings(args),
-                       callback=callback, output_dir=out if (args.checkpoint_every or resume) else None,
-                       resume=resume, **options)
+                       callback=callback, **options)
         from .distributed import is_main_process
 
         if not is_main_process():  # accelerate launch: every process trained the same weights; one writes
             return
-        path = res.save(out, overwrite=args.overwrite, pipeline=args.save_pipeline)
+        path = res.save(args.result_dir or args.output_dir, overwrite=args.overwrite, pipeline=args.save_pipeline)
     except FastUnlearnError as e:
         print(f"fastunlearn erase: error: {_flag_error(str(e), args)}", file=sys.stderr)
         raise SystemExit(2)

@@ -90,6 +90,9 @@ def test_the_guard_takes_huge_finite_gradients_as_finite():
     q = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
     q.grad = torch.ones(4, dtype=torch.bfloat16)
     assert all_finite({}, [p, q])  # mixed dtypes
+    r = torch.nn.Parameter(torch.zeros(5))
+    r.grad = torch.ones(1).expand(5)  # autograd may hand back an expanded gradient: read, never written
+    assert all_finite({}, [r])
 
 
 # ------------------------------------------------------------------------------------------ lifetimes
