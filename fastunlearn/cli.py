@@ -32,13 +32,14 @@ _DATA_METHODS = ("siss", "siss-nois", "naive", "neggrad")
 _DATA_FREE = ("esd", "sfd")  # they refuse retain images
 
 
-# erase()'s argument names -> the flags that set them, so that errors name what the user typed
-_FLAGS = {"model": "--pretrained_model_name_or_path", "method": "--method", "steps": "--max_train_steps",
-          "batch_size": "--train_batch_size", "lr": "--learning_rate", "seed": "--seed", "lora_rank": "--rank",
-          "precision": "--mixed_precision", "resolution": "--resolution", "output_dir": "--output_dir",
-          "path": "--output_dir", "overwrite": "--overwrite", "checkpoint_every": "--checkpointing_steps",
-          "resume": "--resume_from_checkpoint", "variant": "--variant", "retain": "--retain",
-          "optimizer": "--use_8bit_adam", "attention": "--enable_xformers_memory_efficient_attention"}
+def _config_flags() -> dict:
+    """erase()'s argument names -> the flags that set them, so that errors name what the user typed."""
+    from .config import fields
+
+    flags = {f.name: f.metadata["flag"].names[0] for f in fields() if f.metadata["flag"] is not None}
+    return {**flags, "model": "--pretrained_model_name_or_path", "method": "--method", "output_dir": "--output_dir",
+            "path": "--output_dir", "overwrite": "--overwrite", "resume": "--resume_from_checkpoint",
+            "retain": "--retain"}
 
 
 def _flag_error(message: str, args) -> str:
@@ -48,7 +49,7 @@ def _flag_error(message: str, args) -> str:
         return message
     name = head.split(".")[0]
     target = "--classes" if args.classes else "--concept" if args.concept else "--data"
-    flag = {**_FLAGS, "forget": target}.get(name)
+    flag = {**_config_flags(), "forget": target}.get(name)
     if flag is None:
         from .methods import REGISTRY
 
@@ -59,11 +60,25 @@ def _flag_error(message: str, args) -> str:
     return f"{flag}{head[len(name):]}{sep}{rest}"
 
 
+def _settings(args) -> dict:
+    """The ``RunConfig`` fields the erase flags set (``add_config_flags``), and the checkpoint folder: the result
+    folder, when the run writes or resumes checkpoints."""
+    from .config import fields
+
+    settings = {f.name: getattr(args, f.metadata["flag"].dest or f.name) for f in fields()
+                if f.metadata["flag"] is not None}
+    resume = args.resume_from_checkpoint is not None
+    out = args.result_dir or args.output_dir
+    return {**settings, "resume": resume, "output_dir": out if (args.checkpoint_every or resume) else None}
+
+
 def _check_erase_args(args) -> None:
     """What can be checked before anything is loaded: the output folder first (found at save time, after the
     training, it would cost the whole run)."""
     from pathlib import Path
 
+    from .config import RunConfig
+    from .errors import FastUnlearnError
     from .result import RUN_FOLDERS
 
     def fail(msg):
@@ -78,15 +93,14 @@ def _check_erase_args(args) -> None:
         if names and not resumable:
             fail(f"--output_dir: {str(out)!r} exists and is not empty; pass --overwrite to replace it"
                  + (" (or --resume_from_checkpoint latest to continue its run)" if "checkpoints" in names else ""))
-    for flag, v, lo in (("--max_train_steps", args.steps, 1), ("--train_batch_size", args.batch_size, 1),
-                        ("--rank", args.rank, 1), ("--resolution", args.resolution, 8),
-                        ("--checkpointing_steps", args.checkpoint_every, 1), ("--validation_steps",
-                                                                              args.validation_steps, 1),
-                        ("--num_validation_images", args.num_validation_images, 1)):
-        if v is not None and v < lo:
-            fail(f"{flag}: expected an int >= {lo}, got {v}")
-    if args.lr is not None and not args.lr > 0:
-        fail(f"--learning_rate: expected a positive number, got {args.lr}")
+    for flag, v in (("--validation_steps", args.validation_steps), ("--num_validation_images",
+                                                                     args.num_validation_images)):
+        if v < 1:
+            fail(f"{flag}: expected an int >= 1, got {v}")
+    try:  # the run settings, checked as erase() checks them (fastunlearn.config), errors naming the flag
+        RunConfig(**_settings(args))
+    except FastUnlearnError as e:
+        fail(_flag_error(str(e), args))
     is_pipeline = args.model == "digits_text" or (Path(args.model) / "model_index.json").exists()
     if args.save_pipeline and not is_pipeline:
         fail(f"--save_pipeline: needs a pipeline as --pretrained_model_name_or_path (a folder with "
@@ -168,22 +182,13 @@ def _erase(args):
                     forget = fu.DataPoints(data.images[hit], labels=data.labels[hit])
         options = dict(_parse_option(o) for o in args.option)
         callback = _validation_writer(args)
-        resume = args.resume_from_checkpoint is not None
-        out = args.result_dir or args.output_dir
-        res = fu.erase(model, forget=forget, retain=retain, method=args.method, scheduler=scheduler,
-                       steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                       lora_rank=args.rank, precision=args.mixed_precision, optimizer="adamw8bit" if args.use_8bit_adam else None,
-                       gradient_checkpointing=args.gradient_checkpointing or None,
-                       attention="xformers" if args.enable_xformers_memory_efficient_attention else None,
-                       resolution=args.resolution, variant=args.variant, callback=callback,
-                       output_dir=out if (args.checkpoint_every or resume) else None,
-                       checkpoint_every=args.checkpoint_every, resume=resume, progress=not args.no_progress,
-                       **options)
+        res = fu.erase(model, forget=forget, retain=retain, method=args.method, scheduler=scheduler, **_settings(args),
+                       callback=callback, **options)
         from .distributed import is_main_process
 
         if not is_main_process():  # accelerate launch: every process trained the same weights; one writes
             return
-        path = res.save(out, overwrite=args.overwrite, pipeline=args.save_pipeline)
+        path = res.save(args.result_dir or args.output_dir, overwrite=args.overwrite, pipeline=args.save_pipeline)
     except FastUnlearnError as e:
         print(f"fastunlearn erase: error: {_flag_error(str(e), args)}", file=sys.stderr)
         raise SystemExit(2)
@@ -202,8 +207,30 @@ class _Formatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of the run settings: names, choices, help and defaults from ``fastunlearn.config``. A switch
+    (``Flag.const``) sets its field to that value; absent, the field keeps its default."""
+    import typing
+
+    from .config import RunConfig, fields
+
+    hints = typing.get_type_hints(RunConfig)
+    for f in fields():
+        flag = f.metadata["flag"]
+        if flag is None:
+            continue
+        kw = dict(dest=flag.dest or f.name, default=f.default, help=flag.help or f.metadata["help"])
+        if flag.const is not None:
+            kw.update(action="store_const", const=flag.const)
+        else:
+            kind = next(t for t in (*typing.get_args(hints[f.name]), hints[f.name]) if t is not type(None))
+            kw.update(type=kind, metavar=flag.metavar)
+            if f.metadata["choices"] is not None:
+                kw["choices"] = sorted(f.metadata["choices"])
+        parser.add_argument(*flag.names, **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .api import PRECISIONS
     from .methods import REGISTRY
 
     ap = argparse.ArgumentParser(prog="fastunlearn", description="Make a diffusion model forget.")
@@ -227,8 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pretrained_model_name_or_path", "--model", dest="model", metavar="PATH", required=True,
                    help="a local diffusers pipeline or model folder, or 'digits' / 'digits_text' (bundled); "
                         "never downloaded")
-    e.add_argument("--variant", default=None,
-                   help="weights variant of the folder, e.g. fp16 (default: found when the folder holds only one)")
     e.add_argument("--method", default=None, choices=sorted(REGISTRY),
                    help="the unlearning method (default: picked by target: siss for --data, esd for --classes or "
                         "--concept without retain images, erasediff for --classes with --retain)")
@@ -249,31 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--save_pipeline", "--save-pipeline", dest="save_pipeline", action="store_true",
                    help="also write the input pipeline's other components: DiffusionPipeline.from_pretrained("
                         "OUTPUT_DIR) loads the erased model")
-    e.add_argument("--max_train_steps", "--steps", dest="steps", type=int, metavar="N", default=None,
-                   help="training steps (default: the method's, see the README's defaults table)")
-    e.add_argument("--train_batch_size", "--batch-size", "--batch_size", dest="batch_size", type=int, metavar="N", default=None,
-                   help="batch size (default: the method's)")
-    e.add_argument("--learning_rate", "--lr", dest="lr", type=float, metavar="LR", default=None,
-                   help="learning rate (default: the method's)")
-    e.add_argument("--seed", type=int, default=0, help="seed of every random draw (runs are reproducible)")
-    e.add_argument("--rank", "--lora_rank", dest="rank", type=int, metavar="R", default=None,
-                   help="LoRA rank (default: none, the method's parameters are trained directly)")
-    e.add_argument("--resolution", type=int, metavar="PIXELS", default=None,
-                   help="pipelines: the image size in pixels the method samples or encodes at (default: the "
-                        "pipeline's)")
-    e.add_argument("--mixed_precision", "--mixed-precision", dest="mixed_precision", default=None,
-                   choices=sorted(PRECISIONS),
-                   help="compute precision, trainable weights kept in fp32 (default: bf16 on a CUDA GPU that "
-                        "supports it, else the model's dtype)")
-    e.add_argument("--use_8bit_adam", "--use-8bit-adam", dest="use_8bit_adam", action="store_true",
-                   help="bitsandbytes 8-bit AdamW")
-    e.add_argument("--gradient_checkpointing", "--gradient-checkpointing", dest="gradient_checkpointing",
-                   action="store_true", help="recompute activations in the backward pass (less memory)")
-    e.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
-                   help="xformers attention instead of PyTorch SDPA")
-    e.add_argument("--checkpointing_steps", "--checkpoint-every", "--checkpoint_every", dest="checkpoint_every",
-                   type=int, metavar="N", default=None,
-                   help="write a resumable checkpoint to OUTPUT_DIR/checkpoints every N steps (default: none)")
+    add_config_flags(e)
     e.add_argument("--resume_from_checkpoint", default=None, choices=["latest"],
                    help="continue from the newest complete checkpoint in --output_dir (default: start anew)")
     e.add_argument("--resume", dest="resume_from_checkpoint", action="store_const", const="latest",
@@ -287,7 +288,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. --option lambd=0.5, repeatable (values parsed as JSON when possible; "
                         "default: the method's options)")
-    e.add_argument("--no_progress", "--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     e.set_defaults(func=_erase)
 
     for extra in _extra_commands():

@@ -1,4 +1,5 @@
-"""Text-to-image pipelines as ``erase()`` inputs: the denoiser, the noise scheduler and a prompt encoder.
+"""Text-to-image pipelines as ``erase()`` inputs: loading them, and the prompt and image encoders that
+``fastunlearn.inputs.resolve_pipeline`` puts in a run's ``extras``.
 
 ``erase(pipe, forget=fu.Concept(...))`` accepts a diffusers ``StableDiffusionPipeline`` (SD 1.x/2.x
 layout: ``unet`` = ``UNet2DConditionModel``, ``text_encoder`` = CLIP, ``tokenizer``) or a
@@ -28,7 +29,6 @@ from typing import Callable
 import torch
 
 from .errors import bad_type, bad_value
-from .prompts import prompt_encoder
 
 
 def load_pipeline(folder, variant=None, torch_dtype=None) -> "DiffusionPipeline":
@@ -102,42 +102,6 @@ def is_pipeline(obj) -> bool:
     except ImportError:  # pragma: no cover - diffusers is a dependency
         return False
     return isinstance(obj, DiffusionPipeline)
-
-
-def resolve(pipe, scheduler=None, resolution=None):
-    """``(unet, scheduler, extras)`` of a Stable Diffusion 1.x/2.x or SDXL pipeline; see the module
-    docstring. ``resolution`` (pixels) only matters for SDXL, whose ``time_ids`` carry the image size."""
-    from diffusers import UNet2DConditionModel
-
-    from . import sdxl
-
-    unet = getattr(pipe, "unet", None)
-    if not isinstance(unet, UNet2DConditionModel):
-        raise bad_type("model", "a text-to-image pipeline with a UNet2DConditionModel (pipe.unet)", unet)
-    if sdxl.is_sdxl(pipe):
-        unet, scheduler, extras = sdxl.resolve(pipe, scheduler, resolution=resolution)
-        return unet, scheduler, {**extras, "pipeline_parts": pipeline_parts(pipe)}
-    if getattr(pipe, "text_encoder_2", None) is not None or unet.config.get("addition_embed_type") is not None:
-        # e.g. an SDXL refiner (text_embeds only) or a UNet with other added conditions
-        raise bad_value("model", "a Stable Diffusion 1.x/2.x or SDXL base pipeline (added conditions "
-                        f"{unet.config.get('addition_embed_type')!r} are not supported)", type(pipe).__name__)
-    text_encoder, tokenizer = getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None)
-    if text_encoder is None or tokenizer is None:
-        raise bad_value("model", "a pipeline with a text_encoder and a tokenizer", type(pipe).__name__)
-    scheduler = scheduler if scheduler is not None else getattr(pipe, "scheduler", None)
-    if scheduler is None or not hasattr(scheduler, "alphas_cumprod") or not hasattr(scheduler, "config"):
-        raise bad_type("scheduler", "a diffusers noise scheduler with alphas_cumprod", scheduler)
-    return unet, scheduler, {"encode_prompts": prompt_encoder(text_encoder, tokenizer), **latent_extras(pipe),
-                             "pipeline_parts": pipeline_parts(pipe)}
-
-
-def latent_extras(pipe) -> dict:
-    """What SD and SDXL share: the VAE's scale factor and, with a VAE, the pixel encoder and the pipeline
-    that ``Result.sample`` draws through."""
-    extras = {"vae_scale_factor": vae_scale_factor(pipe)}
-    if getattr(pipe, "vae", None) is not None:
-        extras.update(encode_images=image_encoder(pipe.vae), pipeline=pipe)
-    return extras
 
 
 def _working_vae(vae):

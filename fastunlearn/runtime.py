@@ -36,10 +36,8 @@ from typing import Optional
 import torch
 import torch.utils.checkpoint
 
+from .config import ATTENTIONS, PRECISIONS  # noqa: F401  (the valid values live in config.py)
 from .errors import bad_type, bad_value
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ATTENTIONS = ("sdpa", "xformers")
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ An SDXL UNet is conditioned on more than SD's one text embedding (SDXL paper §2
   size), here (R, R, 0, 0, R, R) for the pipeline's default resolution R, as the pipeline passes at
   sampling time.
 
-``resolve(pipe)`` returns what ``fastunlearn.pipelines.resolve`` returns for SD, ``(unet, scheduler,
-extras)``, with ``extras["encode_prompts"](prompts)`` producing that conditioning dict (cached per prompt on
-the CPU, encoders run once). The methods never branch on SDXL: they index, concatenate and pass the
+``fastunlearn.inputs.resolve_pipeline(pipe)`` returns ``Inputs(unet, scheduler, extras)`` for SDXL as for
+SD, with ``extras["encode_prompts"](prompts)`` (``fastunlearn.prompts.sdxl_prompt_encoder``) producing that conditioning dict
+(cached per prompt on the CPU, encoders run once). The methods never branch on SDXL: they index, concatenate and pass the
 dict through (``Denoiser`` calls ``unet(x_t, t, **cond)``). The empty prompt "" is SDXL's unconditional
 branch; with the pipeline's ``force_zeros_for_empty_prompt`` (True for SDXL base) it is all zeros, as
 the pipeline builds it for classifier-free guidance.
@@ -21,45 +21,7 @@ the pipeline builds it for classifier-free guidance.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-
-from .errors import bad_type, bad_value
-from .prompts import sdxl_prompt_encoder as prompt_encoder
-
-
-def is_sdxl(pipe) -> bool:
-    unet = getattr(pipe, "unet", None)
-    cfg = getattr(unet, "config", None)
-    return (getattr(pipe, "text_encoder_2", None) is not None
-            and cfg is not None and cfg.get("addition_embed_type") == "text_time")
-
-
-def default_resolution(pipe) -> int:
-    size = pipe.unet.config.sample_size
-    size = size if isinstance(size, int) else size[0]
-    return int(size * getattr(pipe, "vae_scale_factor", 8)) if getattr(pipe, "vae", None) is not None else int(size)
-
-
-def resolve(pipe, scheduler=None, resolution: Optional[int] = None):
-    """``(unet, scheduler, extras)`` of an SDXL pipeline; see the module docstring."""
-    unet = pipe.unet
-    parts = {n: getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")}
-    missing = [n for n, v in parts.items() if v is None]
-    if missing:
-        raise bad_value("model", f"an SDXL pipeline with both text encoders and tokenizers (missing {missing})",
-                        type(pipe).__name__)
-    scheduler = scheduler if scheduler is not None else getattr(pipe, "scheduler", None)
-    if scheduler is None or not hasattr(scheduler, "alphas_cumprod") or not hasattr(scheduler, "config"):
-        raise bad_type("scheduler", "a diffusers noise scheduler with alphas_cumprod", scheduler)
-    res = int(resolution) if resolution is not None else default_resolution(pipe)
-    zeros = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", True))
-    encode = prompt_encoder(parts["text_encoder"], parts["text_encoder_2"], parts["tokenizer"], parts["tokenizer_2"],
-                            time_ids=(res, res, 0, 0, res, res), zeros_for_empty=zeros)
-    from .pipelines import latent_extras
-
-    return unet, scheduler, {"encode_prompts": encode, "sdxl": True, "resolution": res, **latent_extras(pipe)}
 
 
 def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 8, hidden: int = 32, max_length: int = 16,

@@ -32,10 +32,10 @@ def _mse(a, b):
 
 
 def test_tiny_pipeline_resolves_to_unet_scheduler_and_cached_encoder(pipe):
-    from fastunlearn import pipelines
+    from fastunlearn import inputs, pipelines
 
     assert pipelines.is_pipeline(pipe) and not pipelines.is_pipeline(pipe.unet)
-    unet, sched, extras = pipelines.resolve(pipe, None)
+    unet, sched, extras = inputs.resolve(pipe, None)
     assert unet is pipe.unet and sched is pipe.scheduler
     tokens = pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer(CONCEPT).input_ids)
     assert tokens == ["<|startoftext|>", "a</w>", "photo</w>", "of</w>", "a</w>", "cat</w>", "<|endoftext|>"]

@@ -82,7 +82,7 @@ def test_lora_result_loads_into_a_fresh_pipeline(tmp_path, kind, method, tiny_pi
 
 
 def test_sdxl_conditioning_has_both_encoders_and_time_ids(tiny_pipelines):
-    from fastunlearn.sdxl import resolve
+    from fastunlearn.inputs import resolve
 
     pipe = tiny_pipelines["sdxl"]()
     unet, sched, extras = resolve(pipe)

@@ -3,7 +3,7 @@
 How the real peak is measured (CPU, no CUDA allocator to ask): ``planner.LiveBytes`` is a
 ``TorchDispatchMode`` that sees every tensor an op creates and follows its storage until it is freed
 (weakref finalizers), so it knows the bytes alive after each op and keeps the maximum. It wraps the *real*
-training loop of ``erase()`` (``api.train``, two steps, so the optimizer state exists during the second
+training loop of ``erase()`` (``trainer.loop``, two steps, so the optimizer state exists during the second
 step's forward and backward as in the planner's steady state); the tensors alive before training starts
 (the run's model(s) and the method's own tensors: the working copy, SFD's role copies, ESD's frozen subset)
 are registered first. The input model the caller passed is left out, as the planner leaves it out. The
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import fastunlearn as fu
-import fastunlearn.api as api
+import fastunlearn.trainer as trainer
 from fastunlearn import planner
 from fastunlearn.errors import FastUnlearnError, InvalidArgumentError, MissingFileError
 
@@ -52,7 +52,7 @@ def _resident(obj, skip, seen=None, depth=0):
 def measured_peak(monkeypatch, model, **erase_kwargs) -> int:
     """Peak bytes of erase(model, **erase_kwargs)'s training (see the module docstring)."""
     tracker = planner.LiveBytes()
-    real = api.train
+    real = trainer.loop
 
     def tracked(method, optimizer, *a, **k):
         for t in _resident(method, skip=method.run.original):
@@ -61,7 +61,7 @@ def measured_peak(monkeypatch, model, **erase_kwargs) -> int:
         with tracker:
             return real(method, optimizer, *a, **k)
 
-    monkeypatch.setattr(api, "train", tracked)
+    monkeypatch.setattr(trainer, "loop", tracked)
     fu.erase(model, steps=2, progress=False, precision="fp32", **erase_kwargs)
     monkeypatch.undo()
     return tracker.peak

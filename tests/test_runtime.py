@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastunlearn as fu
-import fastunlearn.api as api
+import fastunlearn.trainer as trainer
 from fastunlearn import runtime
 from fastunlearn.errors import InvalidArgumentError
 
@@ -29,7 +29,7 @@ def siss_args(tiny):
 def spy_training(monkeypatch):
     """Replaces erase()'s training loop by a wrapper that records the run's model as training starts."""
     seen = {}
-    real = api.train
+    real = trainer.loop
 
     def wrapper(method, optimizer, *a, **k):
         model = method.run.model
@@ -52,7 +52,7 @@ def spy_training(monkeypatch):
             h.remove()
             seen["compute_dtype"] = out.get("dtype")
 
-    monkeypatch.setattr(api, "train", wrapper)
+    monkeypatch.setattr(trainer, "loop", wrapper)
     return seen
 
 
