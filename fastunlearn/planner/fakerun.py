@@ -47,8 +47,8 @@ import warnings
 import torch
 
 from .specs import build_scheduler, build_unet, sample_side, unet_kind
-from .trace import (TRACE_ROWS, BatchLines, HostValues, cuda_norm_policy, cuda_optimizers,
-                    peft_in_place)
+from .trace import (TRACE_ROWS, BatchLines, HostValues, cuda_norm_policy, cuda_optimizers, peft_in_place,
+                    replay_no_grad_calls)
 
 PARTS_TRACED = ("weights", "trainable", "gradients", "optimizer", "activations")
 
@@ -199,7 +199,7 @@ def _trace(spec, *, method, resolution, rows, batches, lora_rank, precision, gra
         n_unet = sum(p.numel() for p in unet.parameters())
         with host, cuda_norm_policy(precision != "fp32"):
             forget, retain, forget_data, retain_data = _targets(cls, spec, Denoiser(unet), rows, side)
-            with tracker, cuda_optimizers(made):
+            with tracker, cuda_optimizers(made), replay_no_grad_calls(type(unet), tracker):
                 tracker.category = "weights"
                 run = Run(unet, scheduler, forget=forget_data, retain=retain_data, forget_target=forget,
                           retain_target=retain, batch_size=rows, seed=0, lora_rank=lora_rank,

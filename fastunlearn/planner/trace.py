@@ -182,11 +182,38 @@ class BatchLines(LiveBytes):
             self._shift(entry[2], -entry[0], -entry[1])
 
     def reset_peak(self):
-        for (b, without_optimizer), v in self.views.items():
-            v[1] = self._at(b, without_optimizer)
-            v[0] = sum(v[1].values())
+        self.views = self._now()
         for b in self.batches:
             self.gradients_most[b] = self.const["gradients"] + b * self.per_row["gradients"]
+
+    def _now(self) -> dict:
+        out = {}
+        for b, without_optimizer in self.views:
+            at = self._at(b, without_optimizer)
+            out[(b, without_optimizer)] = [sum(at.values()), at]
+        return out
+
+    @contextlib.contextmanager
+    def rise(self, out: dict):
+        """Record into ``out``, per view, the largest rise of the live bytes above those at entry during the
+        block, and the change of the split at that moment (``replay`` applies it again)."""
+        entry, kept = self._now(), self.views
+        self.views = self._now()
+        try:
+            yield out
+        finally:
+            for k, (total, at) in self.views.items():
+                out[k] = (total - entry[k][0], {c: at.get(c, 0) - entry[k][1].get(c, 0) for c in set(at) | set(entry[k][1])})
+                if total > kept[k][0]:
+                    kept[k] = [total, at]
+            self.views = kept
+
+    def replay(self, rise: dict) -> None:
+        """A block that rises as a recorded one (``rise``) from the bytes live now."""
+        for k, (total, at) in self._now().items():
+            up, split = rise[k]
+            if total + up > self.views[k][0]:
+                self.views[k] = [total + up, {c: at.get(c, 0) + split.get(c, 0) for c in set(at) | set(split)}]
 
 
 # ============================================================================ CUDA's autocast policy for norms
@@ -321,3 +348,56 @@ def cuda_optimizers(made: list):
         yield made
     finally:
         torch.optim.Optimizer.__init__ = init
+
+
+# ============================================================================ no-grad calls traced once
+@contextlib.contextmanager
+def replay_no_grad_calls(model_cls, tracker: "BatchLines"):
+    """Calls of a ``model_cls`` network without autograd are traced once per signature, then replayed.
+
+    Without autograd a call keeps nothing: every tensor it allocates is freed when it returns, except its
+    output. A second call of the same module, in the same state (train/eval, LoRA adapters on/off and which
+    one, autocast) on inputs of the same shapes and dtypes, allocates the same bytes in the same order; only
+    the values differ, and no byte depends on them. So the trace records the first call's rise above the
+    bytes live at the call (``BatchLines.rise``) and answers the next ones with ``replay`` and a fresh output of
+    the recorded shapes: ESD's 49 sampling steps of its trajectory pool, the relabel search's forwards, SFD's
+    no-grad generator pass cost one forward's tracing, not one each. Calls that build a graph run as they are.
+    """
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    forward = model_cls.forward
+    recorded: dict = {}
+
+    def signature(module, args, kwargs):
+        leaves, spec = tree_flatten((args, kwargs))
+        shapes = tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else
+                       (type(x).__name__, x if isinstance(x, (int, float, str, bool, type(None))) else id(x))
+                       for x in leaves)
+        state = tuple((m.training, getattr(m, "_disable_adapters", None), str(getattr(m, "_active_adapter", None)))
+                      for m in module.modules())
+        return (id(module), str(spec), shapes, state, torch.is_autocast_enabled("cpu"),
+                torch.get_autocast_dtype("cpu"))
+
+    def traced(module, *args, **kwargs):
+        if torch.is_grad_enabled():
+            return forward(module, *args, **kwargs)
+        key = signature(module, args, kwargs)
+        if key in recorded:
+            rise, shapes, spec = recorded[key]
+            tracker.replay(rise)
+            return tree_unflatten([torch.empty(s, dtype=d, device=dev) if s is not None else v
+                                   for (s, d, dev, v) in shapes], spec)
+        rise: dict = {}
+        with tracker.rise(rise):
+            out = forward(module, *args, **kwargs)
+        leaves, spec = tree_flatten(out)
+        if all(isinstance(x, torch.Tensor) or not hasattr(x, "__dict__") for x in leaves):
+            recorded[key] = (rise, [(tuple(x.shape), x.dtype, x.device, None) if isinstance(x, torch.Tensor)
+                                    else (None, None, None, x) for x in leaves], spec)
+        return out
+
+    model_cls.forward = traced
+    try:
+        yield recorded
+    finally:
+        model_cls.forward = forward
