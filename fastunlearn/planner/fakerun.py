@@ -108,18 +108,24 @@ def _targets(cls, spec, den, rows: int, side: int):
     kind, target = unet_kind(spec), target_kind(cls, spec)
     if target == "datapoints":
         shape = (rows, spec["unet"].get("in_channels", 4), side, side)
-        if kind == "class":  # forget class 0, keep the others
+        if kind == "class":  # forget class 0, keep the others; labels are real (methods read them on the host)
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
             others = max(den.num_classes - 1, 1)
-            f_cond, r_cond = torch.zeros(rows, dtype=torch.long), 1 + torch.arange(rows) % others
+            with unset_fake_temporarily():
+                f_cond, r_cond = torch.zeros(rows, dtype=torch.long), 1 + torch.arange(rows) % others
             forget = DataPoints.from_latents(torch.zeros(shape), labels=f_cond)
             retain = DataPoints.from_latents(torch.zeros(shape), labels=r_cond)
-        else:
-            f_cond = r_cond = None
-            if kind == "text":
-                f_cond, r_cond = ["what to forget"] * rows, ["what to keep"] * rows
-            forget = DataPoints.from_latents(torch.zeros(shape), prompts=f_cond)
-            retain = DataPoints.from_latents(torch.zeros(shape), prompts=r_cond)
-        return forget, retain, (forget.images, f_cond), (retain.images, r_cond)
+            return forget, retain, (forget.images, f_cond), (retain.images, r_cond)
+        if kind == "uncond":
+            forget, retain = DataPoints.from_latents(torch.zeros(shape)), DataPoints.from_latents(torch.zeros(shape))
+            return forget, retain, (forget.images, None), (retain.images, None)
+        # Text: the Run takes the prompts' embeddings (it encodes a list of prompts per batch; indexing a list
+        # by a fake index would read every row's value on the host), the same rows per batch either way.
+        forget = DataPoints.from_latents(torch.zeros(shape), prompts=["what to forget"] * rows)
+        retain = DataPoints.from_latents(torch.zeros(shape), prompts=["what to keep"] * rows)
+        encode = _prompt_encoder(spec)
+        return forget, retain, (forget.images, encode(forget.prompts)), (retain.images, encode(retain.prompts))
     return (Concept("what to forget") if target == "concept" else Classes([0])), None, None, None
 
 
