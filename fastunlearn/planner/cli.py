@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
+from ..errors import FastUnlearnError
 from ..methods import REGISTRY
 from .search import plan
 
@@ -36,8 +37,6 @@ def add_cli(subparsers) -> None:
 
 
 def _plan_cli(args):
-    from ..errors import FastUnlearnError
-
     try:
         p = plan(args.model, method=args.method, resolution=args.resolution, vram=args.vram,
                  batch_size=args.batch_size, lora_rank=args.rank, precision=args.precision,

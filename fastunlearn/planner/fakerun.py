@@ -45,7 +45,16 @@ import time
 import warnings
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from .. import runtime
+from ..errors import bad_value
+from ..methods import get_method
+from ..models import Denoiser
+from ..run import Run
+from ..targets import Classes, Concept, DataPoints
+from ..train import make_optimizer, train
 from .specs import build_scheduler, build_unet, sample_side, unet_kind
 from .trace import (TRACE_ROWS, BatchLines, HostValues, cuda_norm_policy, cuda_optimizers, peft_in_place,
                     replay_no_grad_calls)
@@ -80,8 +89,6 @@ def target_kind(cls, spec) -> str:
         return "concept"
     if kind == "class" and "classes" in cls.targets:
         return "classes"
-    from ..errors import bad_value
-
     raise bad_value("method", f"a method that takes a target this model has (method {cls.name!r} takes "
                     f"{', '.join(cls.targets)}; the model is {kind}-conditional)", cls.name)
 
@@ -89,9 +96,6 @@ def target_kind(cls, spec) -> str:
 def run_defaults(spec, method: str, lora_rank=None, options=None) -> dict:
     """The run defaults (batch size, optimizer, lr, ...) ``erase()`` takes for the planned target: the method's
     ``defaults_for(...)`` where it has one, else its ``defaults``."""
-    from ..methods import get_method
-    from ..targets import Classes, Concept, DataPoints
-
     cls = get_method(method)
     if not hasattr(cls, "defaults_for"):
         return dict(cls.defaults)
@@ -103,14 +107,10 @@ def run_defaults(spec, method: str, lora_rank=None, options=None) -> dict:
 
 def _targets(cls, spec, den, rows: int, side: int):
     """(forget, retain, forget data, retain data) as ``erase()`` hands them to the Run (module docstring)."""
-    from ..targets import Classes, Concept, DataPoints
-
     kind, target = unet_kind(spec), target_kind(cls, spec)
     if target == "datapoints":
         shape = (rows, spec["unet"].get("in_channels", 4), side, side)
         if kind == "class":  # forget class 0, keep the others; labels are real (methods read them on the host)
-            from torch._subclasses.fake_tensor import unset_fake_temporarily
-
             others = max(den.num_classes - 1, 1)
             with unset_fake_temporarily():
                 f_cond, r_cond = torch.zeros(rows, dtype=torch.long), 1 + torch.arange(rows) % others
@@ -150,8 +150,6 @@ def _optimizer_state(opt):
 def _optimizer_steps(tracker):
     """During any optimizer's step: its temporaries are "optimizer", the gradients it reads are "gradients"
     (a method may have combined them into fresh tensors), and its state stays "optimizer"."""
-    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
     def pre(opt, args, kwargs):
         for group in opt.param_groups:
             for p in group["params"]:
@@ -176,14 +174,6 @@ def _trace(spec, *, method, resolution, rows, batches, lora_rank, precision, gra
            options=None, fake=True):
     """Trace one step at ``rows`` rows with ``BatchLines`` over ``batches``; returns (tracker, counts,
     trainable parameters)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from .. import runtime
-    from ..methods import get_method
-    from ..models import Denoiser
-    from ..run import Run
-    from ..train import make_optimizer, train
-
     cls = get_method(method)
     opts = cls.resolve_options(dict(options or {}))
     side = sample_side(spec, resolution)

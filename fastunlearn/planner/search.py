@@ -9,16 +9,25 @@ optimizer) it tries from one trace per checkpointing setting (``fakerun.trace_ba
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import diffusers
+import peft
+import torch
+
 from ..errors import bad_type, bad_value
 from ..methods import get_method
+from ..runtime import ATTENTIONS, PRECISIONS
+from ..train import OPTIMIZERS
 from . import fakerun
 from .specs import count_params, default_resolution, load_spec, unet_kind
+from .trace import TRACE_ROWS
 
 GiB = 2**30
 PARTS = ("weights", "trainable", "gradients", "optimizer", "activations", "workspace")
@@ -79,8 +88,6 @@ def _fmt(x):
 def _cache_dir() -> Optional[Path]:
     """Where traces are kept between runs: ``$FASTUNLEARN_CACHE_DIR/plans`` (default
     ``~/.cache/fastunlearn/plans``); ``FASTUNLEARN_CACHE_DIR=off`` keeps none."""
-    import os
-
     root = os.environ.get("FASTUNLEARN_CACHE_DIR")
     if root is not None and root.strip().lower() in ("", "0", "off", "none"):
         return None
@@ -92,11 +99,6 @@ def _trace_key(spec, **settings) -> str:
     """What a trace depends on: the model's config, the settings, the library's code (the trace runs the
     method's own step, the run, the loop and the runtime switches: any of them can change its bytes) and the
     versions of the libraries whose modules it runs (a new diffusers can change a UNet's activations)."""
-    import hashlib
-
-    import diffusers
-    import peft
-
     package = Path(__file__).resolve().parent.parent
     code = b"".join(f.read_bytes() for f in sorted(package.rglob("*.py")))
     blob = json.dumps({"spec": spec, "settings": settings, "rows": TRACE_ROWS, "torch": torch.__version__,
@@ -130,7 +132,7 @@ def cached_trace_batches(spec, **settings) -> dict:
     out = fakerun.trace_batches(spec, **settings)
     _TRACES[key] = out
     if f is not None:
-        from ..evaluation import write_json_atomic
+        from ..evaluation import write_json_atomic  # heavy (metrics, plots): only when a trace is written
 
         batches = {f"{b}:{'8bit' if eight else 'adamw'}": v for (b, eight), v in
                    ((k, v) for k, v in out.items() if isinstance(k, tuple))}
@@ -144,9 +146,6 @@ def cached_trace_batches(spec, **settings) -> dict:
 # ============================================================================ plan() and --auto
 def _validate(method, resolution, batch_size, lora_rank, precision, gradient_checkpointing, optimizer, attention,
               vram):
-    from ..runtime import ATTENTIONS, PRECISIONS
-    from ..train import OPTIMIZERS
-
     get_method(method)  # the registry's names
     for name, v in (("resolution", resolution), ("batch_size", batch_size), ("lora_rank", lora_rank)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -168,8 +167,8 @@ def _validate(method, resolution, batch_size, lora_rank, precision, gradient_che
 def _evaluate(spec, name, method, resolution, batch, rank, precision, ckpt, optimizer, attention, extras_bytes,
               vram, auto) -> Plan:
     t0 = time.perf_counter()
-    tr = fakerun.trace(spec, method=method, resolution=resolution, batch_size=batch, lora_rank=rank, precision=precision,
-               gradient_checkpointing=ckpt, optimizer=optimizer)
+    tr = fakerun.trace(spec, method=method, resolution=resolution, batch_size=batch, lora_rank=rank,
+                       precision=precision, gradient_checkpointing=ckpt, optimizer=optimizer)
     return _make_plan(tr, time.perf_counter() - t0, name, method, resolution, batch, rank, precision, ckpt, optimizer,
                       attention, extras_bytes, vram, auto)
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import diffusers
 import torch
 
 from ..errors import MissingFileError, bad_type, bad_value
+from ..models import restore_extra_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BUILTIN = {"sdxl": "sdxl.json", "sd15": "sd15.json"}
@@ -99,10 +101,6 @@ def sample_side(spec, resolution: int) -> int:
 def build_unet(spec):
     """The UNet of ``spec`` (built on the current device / tensor mode), with fastunlearn's own config keys
     (the null class) kept as a loaded model keeps them."""
-    import diffusers
-
-    from ..models import restore_extra_config
-
     cfg = {k: v for k, v in spec["unet"].items() if not k.startswith("_")}
     cls = getattr(diffusers, spec["unet"].get("_class_name", "UNet2DConditionModel"))
     level = diffusers.utils.logging.get_verbosity()
@@ -117,12 +115,10 @@ def build_scheduler(spec):
     """A noise scheduler for the trace. The schedule decides no byte of a step (only values such as SFD's
     timesteps), so the family's usual one serves: SD's scaled-linear for text models, DDPM's linear for pixel
     models."""
-    from diffusers import DDPMScheduler
-
     if unet_kind(spec) == "text":
-        return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+        return diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                              beta_end=0.012)
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    return diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
 
 
 def count_params(spec) -> dict:
@@ -136,8 +132,6 @@ def count_params(spec) -> dict:
             cls = getattr(transformers, cfg.get("_class_name", "CLIPTextModel"), transformers.CLIPTextModel)
             out["text_encoders"] += sum(p.numel() for p in cls(transformers.CLIPTextConfig(**c)).parameters())
         if spec.get("vae"):
-            from diffusers import AutoencoderKL
-
             c = {k: v for k, v in spec["vae"].items() if not k.startswith("_")}
-            out["vae"] = sum(p.numel() for p in AutoencoderKL.from_config(c).parameters())
+            out["vae"] = sum(p.numel() for p in diffusers.AutoencoderKL.from_config(c).parameters())
     return out

@@ -15,9 +15,11 @@ import weakref
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 # ============================================================================ the live-bytes tracker
 class LiveBytes(TorchDispatchMode):
@@ -224,8 +226,6 @@ def cuda_norm_policy(active: bool):
     if not active:
         yield
         return
-    import torch.nn.functional as F
-
     gn, ln = F.group_norm, F.layer_norm
 
     def _f32(x):
@@ -251,8 +251,6 @@ def peft_in_place():
     """peft moves each new adapter to its base layer's device and dtype with ``Module.to``, which fake
     parameters refuse (they cannot be swapped); the trace builds everything on one device in fp32, where
     the move is a no-op, so it is skipped while the adapters are injected."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     orig_move, orig_to = BaseTunerLayer._move_adapter_to_device_of_base_layer, torch.nn.Module.to
     BaseTunerLayer._move_adapter_to_device_of_base_layer = lambda self, *a, **k: None
     torch.nn.Module.to = lambda self, *a, **k: self
@@ -363,8 +361,6 @@ def replay_no_grad_calls(model_cls, tracker: "BatchLines"):
     the recorded shapes: ESD's 49 sampling steps of its trajectory pool, the relabel search's forwards, SFD's
     no-grad generator pass cost one forward's tracing, not one each. Calls that build a graph run as they are.
     """
-    from torch.utils._pytree import tree_flatten, tree_unflatten
-
     forward = model_cls.forward
     recorded: dict = {}
 
