@@ -446,9 +446,15 @@ def test_host_values_of_fake_tensors_leave_the_bytes_alone(text_pipe):
 
 # ------------------------------------------------------------------------------- against the recorded plans
 PLAN_GOLDEN = json.loads((__import__("pathlib").Path(__file__).parent / "data" / "planner_golden.json").read_text())
-# Where the old hand-written model of each step (``planner._Step``, before issue 13) and the method's own step
-# differ on purpose, in GiB of the planned peak (``PLAN_TOLERANCE`` bounds the rest).
-PLAN_TOLERANCE = 0.02
+# The old planner modelled each method's step by hand (``planner._Step`` before issue 13); the plans recorded from
+# it are the reference. The method's own step differs from that model in the tensors around the network passes,
+# not in the passes: measured on SD 1.5 (512 px, checkpointing), the planned peak moved by -0.04% (EraseDiff:
+# -8 MiB of activations, the real step makes the retain and forget x_t separately and its MSE is the reference
+# loss, where the model concatenated one 2B batch) to +0.27% (ESD: +30 MiB of activations, the DDIM update and
+# the guidance combination of the pool's 2P sampling rows, which the model left out); naive/NegGrad +7 MiB (the
+# batch gathered from the data and the loop's non-finite guard), SFD +7 MiB, SISS and SDXL's SISS/SFD within
+# 0.02%. Weights, trainable weights, optimizer state and every setting are unchanged.
+PLAN_TOLERANCE = 0.01
 
 
 @pytest.mark.parametrize("key", [k for k in PLAN_GOLDEN["plans"] if k.startswith("sd15/")] + [
@@ -458,11 +464,11 @@ def test_plans_of_the_real_configs_are_the_recorded_ones(key):
     r=16, against the plans recorded before the planner ran the methods' own steps
     (tests/data/planner_golden.json, scripts/record_planner_golden.py).
 
-    Exact: every setting (batch, optimizer, precision, ...), the parameter counts, and the trainable weights
-    and optimizer state (the same parameters and the same optimizer, traced the same way). The peak within
-    2%: the step is now the method's own, which differs from the old model of it in small ways (the reference
-    loss's fp32 intermediates instead of one MSE, the data's prompt embeddings, the training loop's guards;
-    each difference is explained in the issue 13 note), and the weights and activations parts follow."""
+    Exact: every setting (batch, optimizer, precision, ...), the parameter counts, the trainable weights and the
+    optimizer state (the same parameters and the same optimizer, traced the same way). The peak within 1%
+    (``PLAN_TOLERANCE``): the largest difference measured is 0.27% (ESD, see above), a tenth of the 5% workspace
+    margin the plan adds for what no trace sees; a step that gains or loses a network pass or a parameter-sized
+    buffer moves the peak by far more than 1%."""
     row = PLAN_GOLDEN["plans"][key]
     model, method, lora = key.split("/")
     p = planner.plan(model, method=method, lora_rank=None if lora == "lora=None" else 16,

@@ -5,7 +5,7 @@ training step of the registered method on a fake run: the UNet built from its co
 ``torch._subclasses.FakeTensorMode`` (shapes and dtypes, no storage), the real ``Run``, the method's own
 ``setup()`` and ``step()``, the runtime switches and the optimizer step of ``erase()`` (``fakerun``). A
 TorchDispatchMode follows every storage from allocation to release and records the peak and what was live
-at that moment (``trace``). The parts of a plan:
+at that moment (``livebytes``). The parts of a plan:
 
 * weights: the frozen base, in the run's precision (one copy: with LoRA the teacher is the base with
   adapters off), whatever else the method's set-up keeps (ESD's frozen subset, SFD's role copies without
@@ -17,7 +17,7 @@ at that moment (``trace``). The parts of a plan:
 Not counted: the model object passed to ``erase()``, which trains a copy on the input's device and never
 modifies the input (an input UNet already on the GPU adds one more copy of the weights there).
 
-Modules: ``specs`` (model configs, the fake UNet), ``trace`` (the byte-counting dispatch modes and the CUDA
+Modules: ``specs`` (model configs, the fake UNet), ``livebytes`` (the byte-counting dispatch modes and the CUDA
 policies), ``fakerun`` (the fake run and its traced step), ``search`` (``plan()``, ``--auto``, the trace
 cache), ``cli`` (``fastunlearn plan``).
 
@@ -30,7 +30,7 @@ from .cli import add_cli
 from .fakerun import run_defaults, trace, trace_batches
 from .search import GiB, PARTS, Plan, cached_trace_batches, plan
 from .specs import build_unet, load_spec
-from .trace import TRACE_ROWS, BatchLines, LiveBytes
+from .livebytes import TRACE_ROWS, BatchLines, LiveBytes
 
 __all__ = ["plan", "Plan", "add_cli", "load_spec", "build_unet", "trace", "trace_batches", "cached_trace_batches",
            "run_defaults", "LiveBytes", "BatchLines", "TRACE_ROWS", "PARTS", "GiB"]

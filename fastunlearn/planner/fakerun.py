@@ -56,7 +56,7 @@ from ..run import Run
 from ..targets import Classes, Concept, DataPoints
 from ..train import make_optimizer, train
 from .specs import build_scheduler, build_unet, sample_side, unet_kind
-from .trace import (TRACE_ROWS, BatchLines, HostValues, cuda_norm_policy, cuda_optimizers, peft_in_place,
+from .livebytes import (TRACE_ROWS, BatchLines, HostValues, cuda_norm_policy, cuda_optimizers, peft_in_place,
                     replay_no_grad_calls)
 
 PARTS_TRACED = ("weights", "trainable", "gradients", "optimizer", "activations")

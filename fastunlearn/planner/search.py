@@ -27,7 +27,7 @@ from ..runtime import ATTENTIONS, PRECISIONS
 from ..train import OPTIMIZERS
 from . import fakerun
 from .specs import count_params, default_resolution, load_spec, unet_kind
-from .trace import TRACE_ROWS
+from .livebytes import TRACE_ROWS
 
 GiB = 2**30
 PARTS = ("weights", "trainable", "gradients", "optimizer", "activations", "workspace")

@@ -89,9 +89,14 @@ class LiveBytes(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 s, key = self._storage_key(t)
-                if s is not None and key not in self.live:
+                if s is not None and key not in self.live and not self._aliases_an_input(key, args, kwargs):
                     self.add(t, self.category)
         return out
+
+    def _aliases_an_input(self, key, args, kwargs) -> bool:
+        """A view or alias of an input allocates nothing (e.g. ``.data`` of a tensor made before the count)."""
+        return any(isinstance(a, torch.Tensor) and self._storage_key(a)[1] == key
+                   for a in tree_flatten((args, kwargs))[0])
 
 
 # Rows of the one trace that serves every batch size (``trace_batches``). A prime that divides none of a
