@@ -448,12 +448,16 @@ def test_host_values_of_fake_tensors_leave_the_bytes_alone(text_pipe):
 PLAN_GOLDEN = json.loads((__import__("pathlib").Path(__file__).parent / "data" / "planner_golden.json").read_text())
 # The old planner modelled each method's step by hand (``planner._Step`` before issue 13); the plans recorded from
 # it are the reference. The method's own step differs from that model in the tensors around the network passes,
-# not in the passes: measured on SD 1.5 (512 px, checkpointing), the planned peak moved by -0.04% (EraseDiff:
-# -8 MiB of activations, the real step makes the retain and forget x_t separately and its MSE is the reference
-# loss, where the model concatenated one 2B batch) to +0.27% (ESD: +30 MiB of activations, the DDIM update and
-# the guidance combination of the pool's 2P sampling rows, which the model left out); naive/NegGrad +7 MiB (the
-# batch gathered from the data and the loop's non-finite guard), SFD +7 MiB, SISS and SDXL's SISS/SFD within
-# 0.02%. Weights, trainable weights, optimizer state and every setting are unchanged.
+# not in the passes. Measured on SD 1.5 (512 px, checkpointing), full weights and LoRA alike, the planned peak moved
+# by: EraseDiff -8 MiB of activations (-0.04%: the real step builds the retain and forget x_t separately and its
+# MSE is the reference loss, where the model took one concatenated 2B batch); ESD +30 MiB (+0.27%: the DDIM update
+# and the guidance combination of the pool's 2P sampling rows, which the model left out); SISS +30 MiB (+0.15%:
+# the reference SISS loss's fp32 residuals and importance weights for both terms, where the model took two MSEs);
+# naive, NegGrad, SISS (No IS) +7 to 8 MiB (+0.02 to 0.04%: the batch gathered from the data, the loop's
+# non-finite guard); SFD +7 MiB (+0.02%). SDXL at its defaults: SISS +0.015%, SFD +0.004%. Weights, trainable
+# weights, optimizer state and every setting are unchanged. One note changed where the old model was wrong: SISS
+# (No IS)'s gradients reached 9.61 GiB (full weights) because the model built g_x - g_a as a third parameter-sized
+# list; the real surgery (``surgery.write_combination``) combines into g_x's storage: 6.40 GiB.
 PLAN_TOLERANCE = 0.01
 
 
