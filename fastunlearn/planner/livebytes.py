@@ -44,19 +44,28 @@ class LiveBytes(TorchDispatchMode):
             return None, None
         return s, s._cdata
 
-    def add(self, t: torch.Tensor, category: str) -> None:
+    def _claim(self, t: torch.Tensor, category: str):
+        """(storage, key) of ``t`` when it is not counted yet, its release followed from now on; None when
+        there is nothing to add (no storage, or already counted: then it is retagged)."""
         s, key = self._storage_key(t)
         if s is None:
-            return
+            return None
         if key in self.live:
             self.retag(t, category)
+            return None
+        weakref.finalize(s, self._free, key)
+        return s, key
+
+    def add(self, t: torch.Tensor, category: str) -> None:
+        claimed = self._claim(t, category)
+        if claimed is None:
             return
+        s, key = claimed
         n = s.nbytes()
         self.live[key] = [n, category]
         self.by_cat[category] += n
         self.most[category] = max(self.most[category], self.by_cat[category])
         self.current += n
-        weakref.finalize(s, self._free, key)
         if self.current > self.peak:
             self.peak = self.current
             self.at_peak = dict(self.by_cat)
@@ -147,16 +156,13 @@ class BatchLines(LiveBytes):
         return at
 
     def add(self, t: torch.Tensor, category: str) -> None:
-        s, key = self._storage_key(t)
-        if s is None:
+        claimed = self._claim(t, category)
+        if claimed is None:
             return
-        if key in self.live:
-            self.retag(t, category)
-            return
+        s, key = claimed
         c, r = self._split(s.nbytes())
         self.live[key] = [c, r, category]
         self._shift(category, c, r)
-        weakref.finalize(s, self._free, key)
         if category == "gradients":
             self._gradients()
         co, ro = self.const["optimizer"], self.per_row["optimizer"]
