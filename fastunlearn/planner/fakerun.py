@@ -12,10 +12,11 @@ same way. ``LiveBytes`` / ``BatchLines`` count the bytes.
 What the trace feeds the method (erase() would get it from the user):
 
 * data: targets of the kinds the method takes (``cls.targets``), fake latents of the model's sample shape
-  at the planned resolution with class labels (class models) or prompts (text models), as many rows as one
-  batch draws. DataPoints when the method takes them (SISS, EraseDiff: no generation), else ``fu.Concept``
-  (text models) or ``fu.Classes`` (class models). The data set itself stays on the CPU in a run, as here
-  (made before the count starts); what the method builds from it in ``setup`` (prompt embeddings) counts.
+  at the planned resolution with real class labels (class models) or their prompts' embeddings (text models),
+  as many rows as one batch draws. DataPoints when the method takes them (SISS, EraseDiff: no generation),
+  else ``fu.Concept`` (text models) or ``fu.Classes`` (class models). The data set itself stays on the CPU in
+  a run, as here (made before the count starts); the batches drawn from it and what the method builds in
+  ``setup`` count.
 * prompt embeddings: an encoder that returns fake embeddings of the pipeline's shapes (SD:
   ``encoder_hidden_states``; SDXL: also the pooled ``text_embeds`` and ``time_ids``).
 * the schedule: ``specs.build_scheduler`` (values only; no byte depends on it).
@@ -24,6 +25,10 @@ Not traced: images a method generates in ``setup`` when the user gives no data (
 ``fu.Classes`` / ``fu.Concept`` samples ``n_generate`` images with ``generate_steps`` DDIM steps): that is a
 no-grad sampling phase before training whose peak is one no-grad forward of ``chunk`` rows, not a training
 step's. Plans are made with data targets, which need none.
+
+Speed. Host values (``.item()``, norms as floats, guards) come from ``livebytes.HostValues``; no-grad calls of
+the UNet (ESD's 49 DDIM steps of its trajectory pool, EraseDiff's relabel search) are traced once per signature
+and replayed (``livebytes.replay_no_grad_calls``), so a setup that samples costs one traced forward.
 
 Steady state. The plan is a step after the first: every optimizer the run made (the loop's and a method's
 own, recorded by ``cuda_optimizers``) has its state before the traced step (a warm-up update with zero
