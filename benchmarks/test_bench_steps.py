@@ -16,7 +16,7 @@ import torch
 import fastunlearn as fu
 from fastunlearn.methods import get_method
 from fastunlearn.run import Run, step_generator
-from fastunlearn.train import make_optimizer
+from fastunlearn.trainer import make_optimizer
 
 B = 64       # EraseDiff: retain and forget rows each, as the SISS step benchmark
 B_ESD = 16   # ESD's own default batch (its trajectory pool holds 2·B rows sampled with 50 DDIM steps)

@@ -8,29 +8,14 @@ from __future__ import annotations
 
 from typing import Optional
 
-from . import distributed as _distributed, inputs
-from .config import ATTENTIONS, PRECISIONS, TORCH_DTYPES, RunConfig, as_torch_dtype  # noqa: F401  (lists re-exported)
+from . import distributed as _distributed
+from .config import RunConfig
 from .errors import bad_value
 from .inputs import check_targets, resolve, target_kind
 from .targets import DataPoints
 from .methods import REGISTRY, get_method
 from .result import Result
 from .trainer import Trainer
-
-# Kept for the modules that import these from here (evaluation, result) until they call fastunlearn.inputs
-# and fastunlearn.config directly; nothing in api.py uses them.
-resolve_model = resolve
-
-
-def _pipeline_resolver():
-    return inputs
-
-
-def _check_load_options(model, variant, torch_dtype):
-    torch_dtype = None if torch_dtype is None else as_torch_dtype("torch_dtype", torch_dtype)
-    inputs.check_load_options(model, variant, torch_dtype)
-    return torch_dtype
-
 
 def default_method(forget, retain) -> str:
     """DataPoints → SISS; classes with retain data → EraseDiff; classes or concepts without data → ESD."""

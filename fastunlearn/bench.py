@@ -36,12 +36,10 @@ earlier high-water mark).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import resource
-import sys
 import threading
 import time
 from pathlib import Path
@@ -455,38 +453,3 @@ def _table(rows, measures) -> list:
             cells = [f(r) for _, f in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def _bench_cli(args):
-    from .errors import FastUnlearnError
-
-    try:
-        doc = run_bench(out=args.out, quick=args.quick,
-                        methods=args.methods.split(",") if args.methods else None,
-                        settings=tuple(args.settings.split(",")) if args.settings else SETTINGS,
-                        isolate=not args.no_isolate, retrain_steps=args.retrain_steps, threads=args.threads,
-                        steps=args.steps)
-    except FastUnlearnError as e:
-        print(f"fastunlearn bench: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    print()
-    print(markdown(doc))
-
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="the real-data benchmark: every method against retraining from scratch",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="CI smoke run: 10 steps per method, 20 samples per label")
-    p.add_argument("--out", default=None, help="output folder (default: benchmarks/results in a source clone, "
-                                               "./fastunlearn-bench elsewhere; fastunlearn-bench-quick with --quick)")
-    p.add_argument("--methods", default=None, help="comma-separated methods (default: every registered one)")
-    p.add_argument("--settings", default=None, help="class,data (default: both)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps for every method (default: each "
-                                                           "method's own)")
-    p.add_argument("--retrain-steps", type=int, default=None,
-                   help="retrain the references within the run for N steps (default: the bundled ones)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per run")
-    p.add_argument("--no-isolate", action="store_true", help="run every method in this process (faster start, "
-                                                             "less exact peak memory)")
-    p.set_defaults(func=_bench_cli)

@@ -10,6 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
+
+from .config import PRECISIONS, RunConfig, fields
+from .errors import FastUnlearnError
+from .files import json_default
+from .methods import REGISTRY
 
 
 def _demo(args):
@@ -34,7 +40,6 @@ _DATA_FREE = ("esd", "sfd")  # they refuse retain images
 
 def _config_flags() -> dict:
     """erase()'s argument names -> the flags that set them, so that errors name what the user typed."""
-    from .config import fields
 
     flags = {f.name: f.metadata["flag"].names[0] for f in fields() if f.metadata["flag"] is not None}
     return {**flags, "model": "--pretrained_model_name_or_path", "method": "--method", "output_dir": "--output_dir",
@@ -51,7 +56,6 @@ def _flag_error(message: str, args) -> str:
     target = "--classes" if args.classes else "--concept" if args.concept else "--data"
     flag = {**_config_flags(), "forget": target}.get(name)
     if flag is None:
-        from .methods import REGISTRY
 
         if any(name in cls.options for cls in REGISTRY.values()):
             flag = f"--option {name}"
@@ -63,7 +67,6 @@ def _flag_error(message: str, args) -> str:
 def _settings(args) -> dict:
     """The ``RunConfig`` fields the erase flags set (``add_config_flags``), and the checkpoint folder: the result
     folder, when the run writes or resumes checkpoints."""
-    from .config import fields
 
     settings = {f.name: getattr(args, f.metadata["flag"].dest or f.name) for f in fields()
                 if f.metadata["flag"] is not None}
@@ -77,8 +80,6 @@ def _check_erase_args(args) -> None:
     training, it would cost the whole run)."""
     from pathlib import Path
 
-    from .config import RunConfig
-    from .errors import FastUnlearnError
     from .result import RUN_FOLDERS
 
     def fail(msg):
@@ -152,8 +153,6 @@ def _erase(args):
     import torch
 
     import fastunlearn as fu
-    from .errors import FastUnlearnError
-
     _check_erase_args(args)
     try:
         forget = retain = None
@@ -210,10 +209,6 @@ class _Formatter(argparse.HelpFormatter):
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of the run settings: names, choices, help and defaults from ``fastunlearn.config``. A switch
     (``Flag.const``) sets its field to that value; absent, the field keeps its default."""
-    import typing
-
-    from .config import RunConfig, fields
-
     hints = typing.get_type_hints(RunConfig)
     for f in fields():
         flag = f.metadata["flag"]
@@ -231,8 +226,6 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .methods import REGISTRY
-
     ap = argparse.ArgumentParser(prog="fastunlearn", description="Make a diffusion model forget.")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -290,22 +283,133 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: the method's options)")
     e.set_defaults(func=_erase)
 
-    for extra in _extra_commands():
-        extra(sub)
+    for add in (_add_eval, _add_plan, _add_bench):
+        add(sub)
     return ap
 
 
-def _extra_commands():
-    """Subcommands contributed by other modules (eval, plan, bench), registered when present."""
-    found = []
-    for mod_name in ("fastunlearn.evaluation", "fastunlearn.planner", "fastunlearn.bench"):
-        try:
-            mod = __import__(mod_name, fromlist=["add_cli"])
-        except ImportError:
-            continue
-        if hasattr(mod, "add_cli"):
-            found.append(mod.add_cli)
-    return found
+# ------------------------------------------------------------------------------------------ eval
+def _eval(args):
+    from .evaluation import evaluate, format_report
+    from .targets import DataPoints
+
+    try:
+        forget = DataPoints(args.forget_data) if args.forget_data else None
+        before = False if args.no_before else args.before
+        r = evaluate(args.result_dir, before=before, forget=forget, n_per_class=args.n_per_class,
+                     n_samples=args.samples, num_inference_steps=args.num_inference_steps, seed=args.seed,
+                     out=args.out)
+    except FastUnlearnError as e:
+        print(f"fastunlearn eval: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    if args.json:
+        print(json.dumps(r, indent=2, default=json_default))
+    else:
+        print(format_report(r))
+        files = r.get("files", {})
+        print(f"wrote {files.get('metrics')}" + (f" and {files['picture']}" if files.get("picture") else ""))
+
+
+def _add_eval(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="metrics and a before/after picture for a saved result",
+                              description="Forget rate, retain rate, Fréchet distance and near-copy rate of a "
+                                          "saved result against the model it was made from.")
+    p.add_argument("result_dir", help="a folder written by Result.save / fastunlearn erase")
+    p.add_argument("--out", default=None, help="output folder (default: RESULT_DIR/eval)")
+    p.add_argument("--before", default=None, help="the model before unlearning: a folder or zoo:NAME "
+                                                  "(default: base_model recorded in fastunlearn.json)")
+    p.add_argument("--no-before", action="store_true", help="measure the result alone")
+    p.add_argument("--forget-data", default=None, help="folder of the forgotten images (when not stored in the "
+                                                        "result)")
+    p.add_argument("--n-per-class", type=int, default=100, help="samples per class (class-conditional models)")
+    p.add_argument("--samples", type=int, default=1000, help="samples (unconditional models)")
+    p.add_argument("--num_inference_steps", "--num-inference-steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=_eval)
+
+
+# ------------------------------------------------------------------------------------------ plan
+def _add_plan(subparsers) -> None:
+    p = subparsers.add_parser("plan", help="plan the peak GPU memory of a run before loading any weight")
+    p.add_argument("--model", default="sdxl", help="'sdxl', 'sd15' (configs ship with fastunlearn) or a diffusers "
+                   "model/pipeline folder (only its configs are read)")
+    p.add_argument("--method", default="siss", choices=sorted(REGISTRY))
+    p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
+    p.add_argument("--vram", type=float, default=None, help="GPU memory in GiB")
+    p.add_argument("--batch-size", "--train_batch_size", dest="batch_size", type=int, default=None)
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: full weights, or 16 with --auto)")
+    p.add_argument("--mixed_precision", "--mixed-precision", "--precision", dest="precision", default=None,
+                   choices=sorted(PRECISIONS))
+    p.add_argument("--gradient_checkpointing", "--gradient-checkpointing", action="store_const", const=True,
+                   default=None)
+    p.add_argument("--use_8bit_adam", "--use-8bit-adam", action="store_const", const="adamw8bit", default=None,
+                   dest="optimizer")
+    p.add_argument("--enable_xformers_memory_efficient_attention", action="store_const", const="xformers",
+                   default=None, dest="attention")
+    p.add_argument("--auto", action="store_const", const=True, default=None,
+                   help="pick the settings left open so that the run fits in --vram (default when --vram is given)")
+    p.add_argument("--no-auto", dest="auto", action="store_const", const=False,
+                   help="plan exactly erase()'s defaults for the settings left open")
+    p.add_argument("--text-encoders-off-gpu", action="store_true",
+                   help="do not count the pipeline's text encoders and VAE (kept on the CPU)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (with peak_gib)")
+    p.set_defaults(func=_plan)
+
+
+def _plan(args):
+    from .planner import plan
+
+    try:
+        p = plan(args.model, method=args.method, resolution=args.resolution, vram=args.vram,
+                 batch_size=args.batch_size, lora_rank=args.rank, precision=args.precision,
+                 gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
+                 attention=args.attention, auto=args.auto, text_encoders_on_gpu=not args.text_encoders_off_gpu)
+    except FastUnlearnError as e:
+        print(f"fastunlearn plan: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    if args.json:
+        print(json.dumps(p.as_dict()))
+    else:
+        print(p.table())
+    if p.fits is False:
+        raise SystemExit(1)
+
+
+# ------------------------------------------------------------------------------------------ bench
+def _bench(args):
+    from .bench import SETTINGS, markdown, run_bench
+
+    try:
+        doc = run_bench(out=args.out, quick=args.quick,
+                        methods=args.methods.split(",") if args.methods else None,
+                        settings=tuple(args.settings.split(",")) if args.settings else SETTINGS,
+                        isolate=not args.no_isolate, retrain_steps=args.retrain_steps, threads=args.threads,
+                        steps=args.steps)
+    except FastUnlearnError as e:
+        print(f"fastunlearn bench: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    print()
+    print(markdown(doc))
+
+
+def _add_bench(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="the real-data benchmark: every method against retraining from scratch",
+                              description="Every registered method on the bundled digits models, against models retrained "
+                                          "without the forgotten data.")
+    p.add_argument("--quick", action="store_true", help="CI smoke run: 10 steps per method, 20 samples per label")
+    p.add_argument("--out", default=None, help="output folder (default: benchmarks/results in a source clone, "
+                                               "./fastunlearn-bench elsewhere; fastunlearn-bench-quick with --quick)")
+    p.add_argument("--methods", default=None, help="comma-separated methods (default: every registered one)")
+    p.add_argument("--settings", default=None, help="class,data (default: both)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps for every method (default: each "
+                                                           "method's own)")
+    p.add_argument("--retrain-steps", type=int, default=None,
+                   help="retrain the references within the run for N steps (default: the bundled ones)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    p.add_argument("--no-isolate", action="store_true", help="run every method in this process (faster start, "
+                                                             "less exact peak memory)")
+    p.set_defaults(func=_bench)
 
 
 def main(argv=None):

@@ -37,16 +37,14 @@ the images themselves when they are small).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from .errors import FastUnlearnError, bad_type, bad_value
-from .files import json_default, write_json
+from .files import write_json
+from .inputs import is_pipeline, resolve
 from .metrics import NEAR_COPY_MSE, frechet_distance, judge, near_copy_rate, nearest_mse
 from .provenance import describe_forget, forget_from_meta
 from .viz import save_evaluation_picture
@@ -77,24 +75,10 @@ def _as_result(obj, scheduler, what: str):
             if isinstance(model, tuple):
                 return Result(model=model[0], scheduler=model[1], method=None), None
             obj = model  # the text pipeline: resolved below
-    if isinstance(obj, (str, Path)):
-        folder = Path(obj)
-        if (folder / META_FILE).exists():
-            return load(folder), folder
-        from .api import resolve_model
-
-        unet, sched, extras = resolve_model(folder, scheduler)
-        return Result(model=unet, scheduler=sched, method=None, extras=extras), None
-    if isinstance(obj, torch.nn.Module):
-        from .api import resolve_model
-
-        unet, sched, extras = resolve_model(obj, scheduler)
-        return Result(model=unet, scheduler=sched, method=None, extras=extras), None
-    from .api import _pipeline_resolver
-
-    pipes = _pipeline_resolver()
-    if pipes is not None and pipes.is_pipeline(obj):
-        unet, sched, extras = pipes.resolve(obj, scheduler)
+    if isinstance(obj, (str, Path)) and (Path(obj) / META_FILE).exists():
+        return load(Path(obj)), Path(obj)
+    if isinstance(obj, (str, Path, torch.nn.Module)) or is_pipeline(obj):  # what erase() takes as its model
+        unet, sched, extras = resolve(Path(obj) if isinstance(obj, str) else obj, scheduler)
         return Result(model=unet, scheduler=sched, method=None, extras=extras), None
     raise bad_type(what, "a Result, a result or model folder, 'zoo:NAME', a diffusers model or a pipeline", obj)
 
@@ -461,42 +445,3 @@ def _short(f):
     if f.get("kind") == "datapoints":
         return f"{f['n']} images"
     return f.get("prompt", f.get("kind"))
-
-
-def _eval_cli(args):
-    from .targets import DataPoints
-
-    try:
-        forget = DataPoints(args.forget_data) if args.forget_data else None
-        before = False if args.no_before else args.before
-        r = evaluate(args.result_dir, before=before, forget=forget, n_per_class=args.n_per_class,
-                     n_samples=args.samples, num_inference_steps=args.num_inference_steps, seed=args.seed,
-                     out=args.out)
-    except FastUnlearnError as e:
-        print(f"fastunlearn eval: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    if args.json:
-        print(json.dumps(r, indent=2, default=json_default))
-    else:
-        print(format_report(r))
-        files = r.get("files", {})
-        print(f"wrote {files.get('metrics')}" + (f" and {files['picture']}" if files.get("picture") else ""))
-
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="metrics and a before/after picture for a saved result",
-                              description="Forget rate, retain rate, Fréchet distance and near-copy rate of a "
-                                          "saved result against the model it was made from.")
-    p.add_argument("result_dir", help="a folder written by Result.save / fastunlearn erase")
-    p.add_argument("--out", default=None, help="output folder (default: RESULT_DIR/eval)")
-    p.add_argument("--before", default=None, help="the model before unlearning: a folder or zoo:NAME "
-                                                  "(default: base_model recorded in fastunlearn.json)")
-    p.add_argument("--no-before", action="store_true", help="measure the result alone")
-    p.add_argument("--forget-data", default=None, help="folder of the forgotten images (when not stored in the "
-                                                        "result)")
-    p.add_argument("--n-per-class", type=int, default=100, help="samples per class (class-conditional models)")
-    p.add_argument("--samples", type=int, default=1000, help="samples (unconditional models)")
-    p.add_argument("--num_inference_steps", "--num-inference-steps", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    p.set_defaults(func=_eval_cli)

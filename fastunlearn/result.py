@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import torch
 
+from .config import as_torch_dtype
 from .errors import CorruptResultError, InvalidArgumentError, MissingFileError, NonFiniteError, write_error
 from .files import publish_dir
 from .sampling import ddim_sample
@@ -592,9 +593,7 @@ def load(path, base=None, torch_dtype=None) -> Result:
     result needs its base model: ``base=`` (folder, diffusers model or pipeline) or the folder recorded
     at save time. ``torch_dtype`` (e.g. ``torch.float16`` or "float16") casts the loaded networks."""
     if torch_dtype is not None:
-        from .api import _check_load_options
-
-        torch_dtype = _check_load_options(str(path), None, torch_dtype)
+        torch_dtype = as_torch_dtype("torch_dtype", torch_dtype)
     from diffusers import DDPMScheduler
 
     path = Path(path)

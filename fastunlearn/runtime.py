@@ -36,8 +36,8 @@ from typing import Optional
 import torch
 import torch.utils.checkpoint
 
-from .config import ATTENTIONS, PRECISIONS  # noqa: F401  (the valid values live in config.py)
-from .errors import bad_type, bad_value
+from .config import PRECISIONS, RunConfig  # the valid values and their checks live in config.py
+from .errors import bad_value
 
 
 @dataclass(frozen=True)
@@ -57,23 +57,8 @@ class Runtime:
                 "attention": self.attention or "sdpa", "compile": self.compile, "tf32": self.tf32}
 
 
-def _check_bool(name: str, value) -> None:
-    if value is not None and not isinstance(value, bool):
-        raise bad_type(name, "True, False or None", value)
-
-
 def xformers_available() -> bool:
     return importlib.util.find_spec("xformers") is not None
-
-
-def check_resolution(resolution) -> None:
-    """Pipelines sample and encode at ``resolution`` pixels: an int divisible by 8 (the VAE factor)."""
-    if resolution is None:
-        return
-    if isinstance(resolution, bool) or not isinstance(resolution, int):
-        raise bad_type("resolution", "an int (pixels, a multiple of 8)", resolution)
-    if resolution < 8 or resolution % 8:
-        raise bad_value("resolution", "a positive multiple of 8 (pixels)", resolution)
 
 
 def resolve(precision=None, gradient_checkpointing=None, attention=None, compile=None, tf32=None,
@@ -82,15 +67,9 @@ def resolve(precision=None, gradient_checkpointing=None, attention=None, compile
 
     precision: the model's own dtype when it is already bf16/fp16, bf16 on a CUDA device that supports
     it, fp32 elsewhere; tf32: on for CUDA; everything else off."""
-    if precision is not None and precision not in PRECISIONS:
-        raise bad_value("precision", " | ".join(PRECISIONS), precision)
-    if attention is not None and attention not in ATTENTIONS:
-        raise bad_value("attention", " | ".join(ATTENTIONS), attention)
-    if attention == "xformers" and not xformers_available():
-        raise bad_value("attention", "'sdpa' (xformers is not installed; pip install 'fastunlearn[xformers]' "
-                        "to use it)", attention)
-    for name, v in (("gradient_checkpointing", gradient_checkpointing), ("compile", compile), ("tf32", tf32)):
-        _check_bool(name, v)
+    # the checks of erase()'s settings, written once in config.py (a direct caller gets the same errors)
+    RunConfig(precision=precision, gradient_checkpointing=gradient_checkpointing, attention=attention,
+              compile=compile, tf32=tf32)
     param = next(model.parameters(), None) if model is not None else None
     cuda = param is not None and param.device.type == "cuda"
     if precision is None:

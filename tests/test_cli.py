@@ -115,7 +115,7 @@ def test_help_lists_help_and_defaults_for_every_flag():
               "--seed", "--checkpointing_steps", "--validation_prompt", "--validation_steps", "--variant",
               "--model", "--out", "--steps", "--lr", "--batch-size"):  # the older names still work
         assert f in flags, f
-    from fastunlearn.api import PRECISIONS
+    from fastunlearn.config import PRECISIONS
     from fastunlearn.methods import REGISTRY
     method = next(a for a in erase._actions if a.dest == "method")
     assert method.choices == sorted(REGISTRY)

@@ -65,11 +65,18 @@ def test_method_defaults_fill_only_what_was_not_given():
 
 
 def test_each_list_of_valid_values_exists_once():
-    from fastunlearn import api, runtime, train
+    """The lists of valid values are written in config.py only: no other module of the package spells one."""
+    import re
+    from pathlib import Path
 
-    assert runtime.PRECISIONS is config.PRECISIONS and api.PRECISIONS is config.PRECISIONS
-    assert runtime.ATTENTIONS is config.ATTENTIONS and train.OPTIMIZERS is config.OPTIMIZERS
-    assert api.TORCH_DTYPES is config.TORCH_DTYPES
+    import fastunlearn
+
+    spelled = {"precision": r"[\"']fp32[\"']\s*[:,][^\n]{0,40}[\"']bf16[\"']", "attention": r"[\"']sdpa[\"'],\s*[\"']xformers[\"']",
+               "optimizer": r"[\"']adamw[\"'],\s*[\"']adam[\"']", "torch_dtype": r"[\"']float32[\"'],\s*[\"']float16[\"']"}
+    root = Path(fastunlearn.__file__).parent
+    found = {(name, str(f.relative_to(root))) for f in root.rglob("*.py") for name, rx in spelled.items()
+             if re.search(rx, f.read_text())}
+    assert found == {(name, "config.py") for name in spelled}
 
 
 # ------------------------------------------------------------------------------------------ command line

@@ -189,7 +189,7 @@ def test_adamw8bit_trains_with_8bit_state_on_cpu(siss_args, spy_training):
 
 
 def test_adamw8bit_without_bitsandbytes_is_a_clear_error(monkeypatch):
-    from fastunlearn.train import make_optimizer
+    from fastunlearn.trainer import make_optimizer
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
     with pytest.raises(InvalidArgumentError, match=r"^optimizer: .*bitsandbytes is not installed"):

@@ -13,7 +13,7 @@ from fastunlearn.errors import InvalidArgumentError, InvalidTypeError
 from fastunlearn.methods import get_method
 from fastunlearn.models import Denoiser, digits_scheduler
 from fastunlearn.run import Run, step_generator
-from fastunlearn.train import make_optimizer, train
+from fastunlearn.trainer import loop as train, make_optimizer
 
 
 

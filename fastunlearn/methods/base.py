@@ -3,7 +3,7 @@
 A method is a class that declares what it accepts (``targets``), whether it needs retain data, its
 defaults and its options (named after the papers), builds its trainable state in ``setup`` and writes
 the gradients of one optimizer step into ``p.grad`` in ``step``. The training loop
-(``fastunlearn.train``) owns the optimizer, progress, checkpoints and numerical guards.
+(``fastunlearn.trainer``) owns the optimizer, progress, checkpoints and numerical guards.
 """
 from __future__ import annotations
 

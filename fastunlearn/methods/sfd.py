@@ -27,7 +27,7 @@ in the official loop). x_t = γ_t x_g + σ_t e.
 Both steps pass their gradients through ``nan_to_num`` and clip them by value at ``clip_value`` (1.0, as in
 the official DDPM code, §5.3; not by norm). Both optimizers are Adam with β1 = 0 (§5.5).
 
-Two optimizers, one training loop. ``fastunlearn.train`` owns one optimizer over
+Two optimizers, one training loop. ``fastunlearn.trainer`` owns one optimizer over
 ``trainable_parameters()``: those are θ's (the generator is what SFD delivers). The ψ update, with its own
 Adam (``lr_fake``), happens inside ``step()`` before the θ gradients are written; ψ's weights are a trained
 role that checkpoints save, and its optimizer state travels with ``state_dict()`` / ``load_state_dict()``,
