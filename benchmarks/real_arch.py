@@ -66,9 +66,9 @@ def _text_encoder(cfg, tok, device, dtype):
 def build_pipeline(name: str, *, device="cpu", dtype=torch.bfloat16, tiny: bool = False, seed: int = 0):
     """``StableDiffusionPipeline`` ("sd15") or ``StableDiffusionXLPipeline`` ("sdxl") of the real architecture
     with random weights (seeded), built on ``device`` in ``dtype``; ``tiny`` gives the library's toy pipelines
-    of the same layout (``fastunlearn.text`` / ``fastunlearn.sdxl``), for dry runs."""
+    of the same layout (``fastunlearn.text``), for dry runs."""
     if tiny:
-        from fastunlearn.sdxl import tiny_sdxl_pipeline
+        from fastunlearn.text import tiny_sdxl_pipeline
         from fastunlearn.text import tiny_text_pipeline
 
         pipe = tiny_sdxl_pipeline(seed=seed) if name == "sdxl" else tiny_text_pipeline(seed=seed)

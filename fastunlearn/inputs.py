@@ -101,7 +101,7 @@ def _resolve_folder(folder: Path, scheduler, resolution, variant, torch_dtype) -
 
 # ------------------------------------------------------------------------------------------ pipelines
 def resolve_pipeline(pipe, scheduler=None, resolution: Optional[int] = None) -> Inputs:
-    """``Inputs`` of a Stable Diffusion 1.x/2.x or SDXL pipeline (``fastunlearn.pipelines``, ``fastunlearn.sdxl``).
+    """``Inputs`` of a Stable Diffusion 1.x/2.x or SDXL pipeline (``fastunlearn.pipelines``, ``fastunlearn.prompts``).
     ``resolution`` (pixels) only matters for SDXL, whose ``time_ids`` carry the image size."""
     from diffusers import UNet2DConditionModel
 

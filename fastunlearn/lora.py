@@ -7,7 +7,6 @@ models without attention (the digits UNets) get the convolutions of their ResNet
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -34,22 +33,6 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: Optional[float] = None,
     inject_adapter_in_model(cfg, model, adapter_name=adapter_name)
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
-
-
-@contextlib.contextmanager
-def adapters_off(model: torch.nn.Module):
-    """The base model: every LoRA layer disabled for the duration. Methods evaluate their teacher through
-    ``fastunlearn.roles.Roles``; this is for code that holds a bare model with adapters (the planner)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    for m in layers:
-        m.enable_adapters(False)
-    try:
-        yield model
-    finally:
-        for m in layers:
-            m.enable_adapters(True)
 
 
 def lora_state_dict(model: torch.nn.Module) -> dict:

@@ -3,7 +3,7 @@
 
 ``erase(pipe, forget=fu.Concept(...))`` accepts a diffusers ``StableDiffusionPipeline`` (SD 1.x/2.x
 layout: ``unet`` = ``UNet2DConditionModel``, ``text_encoder`` = CLIP, ``tokenizer``) or a
-``StableDiffusionXLPipeline`` (two text encoders and ``added_cond_kwargs``: ``fastunlearn.sdxl``). The
+``StableDiffusionXLPipeline`` (two text encoders and ``added_cond_kwargs``: ``fastunlearn.prompts``). The
 methods only ever see
 
 * the UNet (the model that is copied and trained; the text encoders and VAE stay untouched),
@@ -11,7 +11,7 @@ methods only ever see
 * ``extras["encode_prompts"](list_of_str) -> cond``: the frozen text encoders' output for the UNet,
   computed once per distinct prompt and cached for the run. For SD, ``{"encoder_hidden_states": [N, L, D]}``
   (the last hidden state, what SD's UNet cross-attends to); for SDXL, also
-  ``added_cond_kwargs = {"text_embeds", "time_ids"}`` (``fastunlearn.sdxl``). Methods pass the dict
+  ``added_cond_kwargs = {"text_embeds", "time_ids"}`` (``fastunlearn.prompts``). Methods pass the dict
   through (``unet(x_t, t, **cond)``) and never branch on the model family.
 
 The methods work in the UNet's sample space: the VAE latent space of a real Stable Diffusion pipeline

@@ -6,9 +6,15 @@ diffusers pipelines do) and the embeddings are cached on the CPU in fp32 for the
 ``encode.cache`` maps each prompt seen so far to its entry (tests count text-encoder calls with it).
 
 * Stable Diffusion 1.x/2.x: ``{"encoder_hidden_states": [N, L, D]}``, the last hidden state of CLIP.
-* SDXL (``StableDiffusionXLPipeline.encode_prompt`` and ``_get_add_time_ids``; see ``fastunlearn.sdxl``):
-  the penultimate hidden states of both encoders concatenated along the features, plus
-  ``added_cond_kwargs = {"text_embeds": pooled projection of the second encoder, "time_ids": [N, 6]}``.
+* SDXL (SDXL paper §2.1-2.2; ``StableDiffusionXLPipeline.encode_prompt`` and ``_get_add_time_ids``):
+  ``encoder_hidden_states`` [N, 77, 768 + 1280], the penultimate hidden states of both encoders (CLIP ViT-L
+  and OpenCLIP ViT-bigG) concatenated along the features, plus ``added_cond_kwargs = {"text_embeds": [N, 1280]
+  the pooled projection of the second encoder, "time_ids": [N, 6]}``, the micro-conditioning (original
+  size, crop top-left, target size) = (R, R, 0, 0, R, R) at the working resolution R, as the pipeline passes
+  at sampling time. The empty prompt "" is SDXL's unconditional branch; with the pipeline's
+  ``force_zeros_for_empty_prompt`` (True for SDXL base) it is all zeros, as the pipeline builds it.
+
+The methods never branch on SDXL: they index, concatenate and pass the dict through (``fastunlearn.conditioning``).
 """
 from __future__ import annotations
 

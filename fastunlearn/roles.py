@@ -76,6 +76,9 @@ class Roles:
                 self._copies[TEACHER] = {n: p.detach().clone() for n, p in own.items()}
         trained_ids = {id(p) for params in self._params.values() for p in params.values()}
         set_trainable(model, {n for n, p in model.named_parameters() if id(p) in trained_ids}.__contains__)
+        # adapter tensors outside every trained role (ESD-x: the adapters off cross-attention), re-frozen after
+        # each switch, which marks every adapter of the active name trainable
+        self._untrained = [p for n, p in model.named_parameters() if "lora_" in n and id(p) not in trained_ids]
 
     def _add_adapter(self, role: str, seed: int) -> None:
         """A further trained role's LoRA adapter, named after it and drawn from ``seed`` (like the run's own,
@@ -118,9 +121,9 @@ class Roles:
     def _switch(self, role: str) -> None:
         """LoRA: every layer to ``role``'s adapter, or off for the teacher. peft's switches also freeze the
         inactive adapters, so the trained roles are marked trainable again afterwards: gradients are always
-        taken explicitly w.r.t. one role's tensors, and the graph of either must stay usable. (peft's
+        taken explicitly w.r.t. one role's tensors, and the graph of either must stay usable. peft's
         ``enable_adapters(True)`` marks every adapter of the active name trainable, not only a declared
-        subset: ESD-x with LoRA then lists every ``default`` adapter in ``run.trainable_parameters()``.)"""
+        subset, so the adapters no role trains (ESD-x: those off cross-attention) are frozen again."""
         for layer in self._layers:
             if role == TEACHER:
                 layer.enable_adapters(False)
@@ -129,6 +132,8 @@ class Roles:
                 layer.set_adapter(self._adapters[role])
         for p in self.parameters():
             p.requires_grad_(True)
+        for p in self._untrained:
+            p.requires_grad_(False)
 
     def eps(self, role: str, x_t: torch.Tensor, t: torch.Tensor, cond=None, train: bool = False) -> torch.Tensor:
         """ε of ``role`` at (x_t, t, cond). ``train`` puts a trained role in train mode (dropout, §5.3); the

@@ -2,13 +2,21 @@
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
 from .conditioning import cond_to as _to, take_cond as _index_cond
-from .methods.base import Batch
 from .models import Denoiser
+
+
+@dataclass
+class Batch:
+    """Clean samples and their conditioning (class ids, prompt embeddings or None)."""
+
+    x0: torch.Tensor
+    cond: Any = None
 
 
 class Run:

@@ -111,7 +111,10 @@ def loop(method, optimizer, steps: int, seed: int, *, start_step: int = 0, histo
 class Trainer:
     """One unlearning run of ``method`` (a registered name, options already resolved) on resolved ``inputs``."""
 
-    def __init__(self, config: RunConfig, *, method: str, options: dict, inputs: Inputs, forget, retain, model):
+    def __init__(self, config: RunConfig, *, method: str, options: dict, inputs: Inputs, forget, retain, model,
+                 data=None):
+        """``data``: the run's ``(forget data, retain data)`` as ``prepare_data`` returns them, when the caller
+        made them itself (the memory planner feeds fake latents with their prompts' embeddings)."""
         from .methods import get_method
 
         cfg = config
@@ -123,8 +126,10 @@ class Trainer:
         self.inputs = inputs
         self.forget, self.retain = forget, retain
         check_fits(inputs, forget, retain, cfg.resolution)
-        self.forget_data = prepare_data("forget", forget, inputs, cfg.resolution)
-        self.retain_data = prepare_data("retain", retain, inputs, cfg.resolution)
+        if data is None:
+            data = (prepare_data("forget", forget, inputs, cfg.resolution),
+                    prepare_data("retain", retain, inputs, cfg.resolution))
+        self.forget_data, self.retain_data = data
         self.concept_data = None  # Concept.images: checked (and, on a latent pipeline, encoded) like DataPoints
         if isinstance(forget, Concept) and isinstance(forget.images, DataPoints):
             self.concept_data = prepare_data("forget.images", forget.images, inputs, cfg.resolution)
@@ -155,13 +160,13 @@ class Trainer:
             device = offload.move_unet(self.inputs.denoiser)
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            run, m = self._build(device)
+            run, m = self.build(device)
             offload.move_encoders(self.model_arg)
-            with self._switched_on(run, m) as dp:
+            with self.switched_on(run, m) as dp:
                 history = self._train(run, m, dp)
             return self._result(run, m, history, dp, time.perf_counter() - t_start)
 
-    def _build(self, device):
+    def build(self, device):
         """The run (a copy of the model, the data as tensors) and the method, set up."""
         cfg, extras = self.cfg, self.inputs.extras
         encoded: dict = {}  # before the Run: the VAE is still where the caller put it
@@ -191,7 +196,7 @@ class Trainer:
         return run, m
 
     @contextlib.contextmanager
-    def _switched_on(self, run, m):
+    def switched_on(self, run, m):
         """The runtime switches (after set-up: every role and adapter exists) and, when launched as several
         processes, data parallelism. Both are released before the result is assembled."""
         c = self.cfg
@@ -206,10 +211,15 @@ class Trainer:
             # which would hang if this process alone had failed).
             self.drift = dp.detach() if dp is not None else None
 
-    def _train(self, run, m, dp) -> list:
+    def optimizer(self, m):
+        """The loop's optimizer over the method's trainable parameters, with the method's defaults."""
         c, d = self.cfg, self.defaults
-        opt = make_optimizer(c.optimizer, m.trainable_parameters(), c.lr, betas=d.get("betas", (0.9, 0.999)),
-                             weight_decay=d.get("weight_decay", 0.0), eps=d.get("eps", 1e-8))
+        return make_optimizer(c.optimizer, m.trainable_parameters(), c.lr, betas=d.get("betas", (0.9, 0.999)),
+                              weight_decay=d.get("weight_decay", 0.0), eps=d.get("eps", 1e-8))
+
+    def _train(self, run, m, dp) -> list:
+        c = self.cfg
+        opt = self.optimizer(m)
         start_step, history = self.ckpt.restore(run, m, opt) if self.ckpt is not None else (0, [])
         hooks = []
         if self.ckpt is not None:

@@ -62,7 +62,7 @@ def tiny_sd():
 
 
 def tiny_xl():
-    from fastunlearn.sdxl import tiny_sdxl_pipeline
+    from fastunlearn.text import tiny_sdxl_pipeline
 
     return tiny_sdxl_pipeline(seed=0)
 

@@ -63,7 +63,7 @@ def test_a_text_pipeline_gives_its_unet_scheduler_and_encoders():
 
 
 def test_an_sdxl_pipeline_carries_its_resolution_into_time_ids():
-    from fastunlearn.sdxl import tiny_sdxl_pipeline
+    from fastunlearn.text import tiny_sdxl_pipeline
 
     pipe = tiny_sdxl_pipeline(seed=0)
     assert inputs.is_sdxl(pipe)
@@ -75,7 +75,7 @@ def test_an_sdxl_pipeline_carries_its_resolution_into_time_ids():
 
 
 def test_an_sdxl_pipeline_without_its_second_encoder_is_refused():
-    from fastunlearn.sdxl import tiny_sdxl_pipeline
+    from fastunlearn.text import tiny_sdxl_pipeline
 
     pipe = tiny_sdxl_pipeline(seed=0)
     pipe.tokenizer_2 = None

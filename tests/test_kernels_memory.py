@@ -87,8 +87,7 @@ def _official_siss_step(run, params, lambd=0.5):
 
 def _gradient_copies(m, official=False):
     """Peak parameter-shaped bytes of one step (after a warm-up step), in full gradients."""
-    roles = getattr(m, "roles", None)
-    params = list(m.trainable_parameters()) + (list(roles.psi) if roles is not None else [])
+    params = list({id(p): p for p in [*m.trainable_parameters(), *m.roles.parameters()]}.values())  # SFD: and ψ
     m.step(0, step_generator(0, 0))  # warm-up: ESD's trajectory pool, SFD's ψ optimizer state
     for p in params:
         p.grad = None
@@ -107,8 +106,7 @@ def _gradient_copies(m, official=False):
             _official_siss_step(m.run, params)
         else:
             m.step(1, step_generator(0, 1))
-    one = max(sum(p.numel() * p.element_size() for p in group)
-              for group in ([list(m.trainable_parameters())] + ([list(roles.psi)] if roles is not None else [])))
+    one = max(sum(p.numel() * p.element_size() for p in m.roles.parameters(role)) for role in m.roles.trained)
     assert all(p.grad is not None for p in m.trainable_parameters())
     return mode.peak / one
 

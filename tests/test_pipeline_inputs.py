@@ -67,7 +67,7 @@ def test_resolution_sets_the_working_size(pipe):
 
 
 def test_resolution_reaches_sdxl_time_ids():
-    from fastunlearn.sdxl import tiny_sdxl_pipeline
+    from fastunlearn.text import tiny_sdxl_pipeline
 
     xl = tiny_sdxl_pipeline(seed=0)
     res = fu.erase(xl, forget=fu.Concept("a photo of a cat"), method="esd", steps=1, batch_size=2, ddim_steps=2,

@@ -139,10 +139,9 @@ def _crash_at(monkeypatch, method_name, at_step):
     return lambda: monkeypatch.setattr(cls, "step", original)
 
 
+# Every registered method with its defaults: tests/test_methods_contract.py. Here the settings with state of
+# their own.
 @pytest.mark.parametrize("method,extra", [
-    ("siss", {}),
-    ("siss-nois", {}),
-    ("naive", {}),
     ("neggrad", {"superfactor_decay": 0.9}),
     ("siss", {"norm_every": 3}),          # method state (the lagged ‖g_a‖) must come back too
     ("siss", {"lora_rank": 2}),           # LoRA adapter weights only
@@ -167,38 +166,6 @@ def test_crash_and_resume_matches_uninterrupted(tmp_path, monkeypatch, method, e
     _assert_same_weights(resumed.model, reference.model)
     assert _same_history(resumed.history, reference.history)
     assert [step_of(p) for p in list_checkpoints(tmp_path)] == [5, 4]
-
-
-_CLASS_METHODS = {  # the methods taking classes, with settings that keep them to seconds of work
-    "sfd": dict(forget=fu.Classes([3], override=5)),
-    "esd": dict(forget=fu.Classes([3]), ddim_steps=4),
-    "erasediff": dict(forget=fu.Classes([3]), n_generate=8, generate_steps=4),
-}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(_CLASS_METHODS))
-def test_class_methods_resume_exactly(tmp_path, monkeypatch, method):
-    """SFD (fake score + its optimizer in state_dict), ESD (trajectory pool replayed from its seed) and
-    EraseDiff (generated forget data): resumed runs end bitwise-identical, generator included."""
-    if method not in REGISTRY:
-        pytest.skip(f"{method} is not registered")
-    unet, sched = _model()
-    _, retain = _split()
-    kw = dict(method=method, scheduler=sched, steps=4, batch_size=2, progress=False, **_CLASS_METHODS[method])
-    if method == "erasediff":
-        kw["retain"] = retain
-    reference = fu.erase(unet, **kw)
-    undo = _crash_at(monkeypatch, method, at_step=3)
-    with pytest.raises(KeyboardInterrupt):
-        fu.erase(unet, output_dir=tmp_path, checkpoint_every=2, **kw)
-    undo()
-    resumed = fu.erase(unet, output_dir=tmp_path, resume=True, **kw)
-    assert resumed.meta["resumed_from_step"] == 2
-    _assert_same_weights(resumed.model, reference.model)
-    assert (resumed.generator is None) == (reference.generator is None)
-    if reference.generator is not None:
-        _assert_same_weights(resumed.generator, reference.generator)
 
 
 def test_optimizer_state_round_trips_exactly():

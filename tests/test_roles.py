@@ -126,6 +126,22 @@ def test_only_the_declared_roles_train(tiny, lora_rank):
         assert all("lora_" in n for n, p in run.model.named_parameters() if p.requires_grad)
 
 
+def test_a_switch_keeps_a_trained_subset_of_the_adapters(tiny):
+    """ESD-x with LoRA trains the cross-attention adapters only; peft's switch back from the teacher marks every
+    adapter trainable, and Roles must freeze the others again."""
+    run = _run(tiny, lora_rank=2)
+    for n, p in run.model.named_parameters():
+        p.requires_grad_("lora_" in n and ".to_q." in n)  # the declared subset
+    subset = {n for n, p in run.model.named_parameters() if p.requires_grad}
+    assert subset and subset != {n for n in dict(run.model.named_parameters()) if "lora_" in n}
+    roles = Roles(run)
+    x, t, c = _inputs()
+    for role in ("teacher", "student", "teacher"):
+        roles.eps(role, x, t, c)
+        assert {n for n, p in run.model.named_parameters() if p.requires_grad} == subset
+    assert {id(p) for p in run.trainable_parameters()} == {id(p) for p in roles.parameters()}
+
+
 def test_a_method_without_declared_roles_trains_the_run_model_alone(tiny):
     run = _run(tiny)
     m = get_method("naive")(run)

@@ -182,7 +182,7 @@ def test_pixels_in_siss_decoded_pictures_out(sd_folder):
 
 
 def test_sdxl_pixels_in_pictures_out():
-    from fastunlearn.sdxl import tiny_sdxl_pipeline
+    from fastunlearn.text import tiny_sdxl_pipeline
 
     xl = tiny_sdxl_pipeline(seed=0)
     imgs, _ = _digits(6)

@@ -7,13 +7,13 @@ the gradients of one optimizer step into ``p.grad`` in ``step``. The training lo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, Optional
+from typing import ClassVar, Dict
 
 import torch
 
 from ..errors import bad_type, bad_value
 from ..roles import Roles
+from ..run import Batch  # noqa: F401  (methods take their batches from the run)
 
 REGISTRY: Dict[str, type] = {}
 
@@ -27,14 +27,6 @@ def get_method(name: str):
     if not isinstance(name, str) or name not in REGISTRY:
         raise bad_value("method", " | ".join(sorted(REGISTRY)), name)
     return REGISTRY[name]
-
-
-@dataclass
-class Batch:
-    """Clean samples and their conditioning (class ids, prompt embeddings or None)."""
-
-    x0: torch.Tensor
-    cond: Any = None
 
 
 class Method:

@@ -5,7 +5,8 @@ shapes and dtypes but no storage: a 2.6 B-parameter SDXL UNet costs no memory): 
 ``fastunlearn.run.Run`` around it (the working copy, LoRA adapters), the method class from
 ``fastunlearn.methods.REGISTRY`` with its options, its own ``setup()`` (roles, trainable subset, frozen
 copies), the runtime switches (``runtime.apply``: precision, checkpointing, autocast), the training loop's
-optimizer, and then runs one step of the real loop (``fastunlearn.trainer.loop``): the method's ``step()``
+optimizer (all three by ``fastunlearn.trainer.Trainer``, as ``erase()`` does), and then runs one step of the
+real loop (``fastunlearn.trainer.loop``): the method's ``step()``
 and the optimizer step. Nothing of a method is modelled here; a method registered tomorrow is planned the
 same way. ``LiveBytes`` / ``BatchLines`` count the bytes.
 
@@ -53,13 +54,13 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from .. import runtime
 from ..errors import bad_value
 from ..methods import get_method
 from ..models import Denoiser
-from ..run import Run
+from ..config import RunConfig
+from ..inputs import Inputs
 from ..targets import Classes, Concept, DataPoints
-from ..trainer import loop as train, make_optimizer
+from ..trainer import Trainer, loop
 from .specs import build_scheduler, build_unet, sample_side, unet_kind
 from .livebytes import (TRACE_ROWS, BatchLines, HostValues, cuda_norm_policy, cuda_optimizers, peft_in_place,
                     replay_no_grad_calls)
@@ -200,21 +201,20 @@ def _trace(spec, *, method, resolution, rows, batches, lora_rank, precision, gra
         n_unet = sum(p.numel() for p in unet.parameters())
         with host, cuda_norm_policy(precision != "fp32"):
             forget, retain, forget_data, retain_data = _targets(cls, spec, Denoiser(unet), rows, side)
-            with tracker, cuda_optimizers(made), replay_no_grad_calls(type(unet), tracker):
+            # erase()'s own pipeline: the Trainer builds the Run and the method, switches the runtime on and makes
+            # the loop's optimizer; only the step count and the bookkeeping below are the planner's.
+            config = RunConfig(batch_size=rows, seed=0, lora_rank=lora_rank, precision=precision,
+                               gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, progress=False)
+            extras = {"encode_prompts": _prompt_encoder(spec)} if unet_kind(spec) == "text" else {}
+            trainer = Trainer(config, method=method, options=opts, inputs=Inputs(unet, scheduler, extras),
+                              forget=forget, retain=retain, model=unet, data=(forget_data, retain_data))
+            # The runtime switches are released (frozen weights cast back) after the count stops.
+            with contextlib.ExitStack() as switched, tracker, cuda_optimizers(made), \
+                    replay_no_grad_calls(type(unet), tracker):
                 tracker.category = "weights"
-                run = Run(unet, scheduler, forget=forget_data, retain=retain_data, forget_target=forget,
-                          retain_target=retain, batch_size=rows, seed=0, lora_rank=lora_rank,
-                          encode_prompts=_prompt_encoder(spec) if unet_kind(spec) == "text" else None,
-                          trainable=getattr(cls, "trainable_filter", lambda o: None)(opts))
-                run.resolution = resolution
-                m = cls(run, **opts)
-                m.setup()
-                rt = runtime.resolve(precision, gradient_checkpointing, model=run.model)
-                runtime.apply(run, rt, method=m)
-                d = cls.defaults_for(forget, opts, lora_rank) if hasattr(cls, "defaults_for") else cls.defaults
-                loop_opt = make_optimizer(optimizer, m.trainable_parameters(), d.get("lr", 1e-4),
-                                          betas=d.get("betas", (0.9, 0.999)),
-                                          weight_decay=d.get("weight_decay", 0.0), eps=d.get("eps", 1e-8))
+                run, m = trainer.build(next(unet.parameters()).device)
+                switched.enter_context(trainer.switched_on(run, m))
+                loop_opt = trainer.optimizer(m)
                 trainable = {id(p): p for opt in made for g in opt.param_groups for p in g["params"]}
                 for opt in made:  # steady state: the state exists from the first step on
                     params = [p for g in opt.param_groups for p in g["params"]]
@@ -232,7 +232,7 @@ def _trace(spec, *, method, resolution, rows, batches, lora_rank, precision, gra
                 tracker.category = "activations"
                 tracker.reset_peak()
                 with _optimizer_steps(tracker):
-                    train(m, loop_opt, 1, run.seed, progress=False)
+                    loop(m, loop_opt, 1, run.seed, progress=False)
     counts = {"unet": n_unet, "trainable": sum(p.numel() for p in trainable.values())}
     return tracker, counts, list(trainable.values())
 

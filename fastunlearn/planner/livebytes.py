@@ -70,11 +70,17 @@ class LiveBytes(TorchDispatchMode):
             self.peak = self.current
             self.at_peak = dict(self.by_cat)
 
-    def retag(self, t: torch.Tensor, category: str) -> None:
-        s, key = self._storage_key(t)
+    def _entry(self, t: torch.Tensor, category: str):
+        """The live entry of ``t``'s storage; one not counted yet is added as ``category`` (and None returned)."""
+        _, key = self._storage_key(t)
         entry = self.live.get(key)
         if entry is None:
             self.add(t, category)
+        return entry
+
+    def retag(self, t: torch.Tensor, category: str) -> None:
+        entry = self._entry(t, category)
+        if entry is None:
             return
         self.by_cat[entry[1]] -= entry[0]
         self.by_cat[category] += entry[0]
@@ -177,10 +183,8 @@ class BatchLines(LiveBytes):
                 v[0], v[1] = total, self._at(b, True)
 
     def retag(self, t: torch.Tensor, category: str) -> None:
-        s, key = self._storage_key(t)
-        entry = self.live.get(key)
+        entry = self._entry(t, category)
         if entry is None:
-            self.add(t, category)
             return
         c, r, old = entry
         self._shift(old, -c, -r)
