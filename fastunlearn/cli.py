@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import typing
 
 from .config import PRECISIONS, RunConfig, fields
@@ -195,7 +196,15 @@ def _erase(args):
 
 
 class _Formatter(argparse.HelpFormatter):
-    """Help with each flag's default, as the diffusers scripts show them ("default: the method's" for None)."""
+    """Help with each flag's default, as the diffusers scripts show them ("default: the method's" for None); the
+    epilog (each method's options) keeps its lines."""
+
+    def _fill_text(self, text, width, indent):
+        out = []
+        for line in text.splitlines():
+            lead = indent + " " * (len(line) - len(line.lstrip()))
+            out.append(textwrap.fill(line.strip(), width, initial_indent=lead, subsequent_indent=lead + "    "))
+        return "\n".join(out)
 
     def _get_help_string(self, action):
         text = action.help or ""
@@ -225,6 +234,18 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(*flag.names, **kw)
 
 
+def _method_options_help() -> str:
+    """Every registered method's options, from its ``Options`` (default and help), for ``erase --help``."""
+    lines = ["method options (--option KEY=VALUE):"]
+    for name, cls in sorted(REGISTRY.items()):
+        if name.startswith("_"):
+            continue
+        lines.append(f"  {name}:")
+        for key, text in cls.Options.help().items():
+            lines.append(f"    {key}={cls.options[key]!r}: {text}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fastunlearn", description="Make a diffusion model forget.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -243,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("erase", help="run one unlearning method and save the result", formatter_class=_Formatter,
                        description="Flags follow the diffusers training scripts (--pretrained_model_name_or_path, "
-                                   "--output_dir, --max_train_steps, ...); the older short names still work.")
+                                   "--output_dir, --max_train_steps, ...); the older short names still work.",
+                       epilog=_method_options_help())
     e.add_argument("--pretrained_model_name_or_path", "--model", dest="model", metavar="PATH", required=True,
                    help="a local diffusers pipeline or model folder, or 'digits' / 'digits_text' (bundled); "
                         "never downloaded")

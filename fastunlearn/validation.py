@@ -1,5 +1,5 @@
 """Input checks ``erase()`` runs before any work, beyond the ones next to each type (``config.RunConfig`` for
-the run settings, ``targets.py``, each method's ``validate_options``, ``inputs`` for the model and the data).
+the run settings, ``targets.py``, each method's ``Options``, ``inputs`` for the model and the data).
 
 Every check raises one of fastunlearn's errors (``fastunlearn.errors``) whose message starts with the
 argument's name and says what was expected, so a typo costs milliseconds, not a failed run an hour in.

@@ -104,3 +104,15 @@ def test_an_unknown_option_is_refused_before_any_work(monkeypatch, method):
     monkeypatch.setattr(cls, "setup", lambda self: pytest.fail("work started before the options were checked"))
     with pytest.raises(FastUnlearnError, match="not_an_option"):
         fu.erase(unet, not_an_option=1, **_kwargs(method, sched))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_option_has_help_a_default_and_a_check(method):
+    """Options, their checks and their docs are one object (``Method.Options``): each option is documented, its
+    default passes its own check, and a value of the wrong kind is refused with an error naming it."""
+    cls = REGISTRY[method]
+    assert cls.resolve_options({}) == cls.options
+    for name, text in cls.Options.help().items():
+        assert text.strip(), f"{method}.{name} has no help"
+        with pytest.raises(FastUnlearnError, match=f"^{name}: expected"):
+            cls.resolve_options({name: object()})

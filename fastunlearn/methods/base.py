@@ -7,7 +7,9 @@ the gradients of one optimizer step into ``p.grad`` in ``step``. The training lo
 """
 from __future__ import annotations
 
-from typing import ClassVar, Dict
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Dict, Optional
 
 import torch
 
@@ -16,6 +18,34 @@ from ..roles import Roles
 from ..run import Batch  # noqa: F401  (methods take their batches from the run)
 
 REGISTRY: Dict[str, type] = {}
+
+
+# ------------------------------------------------------------------------------------------ options
+def option(default, help: str, check: Optional[Callable] = None):
+    """A method option, a field of the method's ``Options``: its default, one line of help (``fastunlearn erase
+    --help`` lists it) and the check of a value, ``check(name, value)``, which raises an error naming the option."""
+    return dataclasses.field(default=default, metadata=dict(help=help, check=check))
+
+
+@dataclass(frozen=True)
+class Options:
+    """A method's options as one typed object (as peft's configs): every field carries its default, help and
+    check; ``validate`` holds the rules between fields. ``Method.resolve_options`` builds it from
+    ``erase(**method_options)``, before any work."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            check = f.metadata.get("check")
+            if check is not None:
+                check(f.name, getattr(self, f.name))
+        self.validate()
+
+    def validate(self) -> None:
+        """Rules between options (none unless a method has some)."""
+
+    @classmethod
+    def help(cls) -> Dict[str, str]:
+        return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
 
 
 def register(cls):
@@ -35,8 +65,13 @@ class Method:
     needs_retain: ClassVar[bool] = False
     needs_forget_data: ClassVar[bool] = False  # images of what to forget are required
     defaults: ClassVar[dict] = {}           # steps, batch_size, lr, optimizer betas/weight decay
-    options: ClassVar[dict] = {}            # method options and their defaults
+    Options: ClassVar[type] = Options       # the method's options: defaults, help and checks in one class
+    options: ClassVar[dict] = {}            # {option: default}, derived from Options
     description: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.options = {f.name: f.default for f in dataclasses.fields(cls.Options)}
 
     def __init__(self, run, **options):
         self.run = run
@@ -44,17 +79,12 @@ class Method:
 
     @classmethod
     def resolve_options(cls, options: dict) -> dict:
+        """``options`` checked (unknown names, each value, the rules between them) with the defaults filled in."""
         unknown = sorted(set(options) - set(cls.options))
         if unknown:
             raise bad_value(f"{unknown[0]}", f"an option of method {cls.name!r}: "
                             + (", ".join(sorted(cls.options)) or "(none)"), options[unknown[0]])
-        merged = {**cls.options, **options}
-        cls.validate_options(merged)
-        return merged
-
-    @classmethod
-    def validate_options(cls, opts: dict) -> None:
-        """Raise a clear error for a bad option value; called before any work starts."""
+        return dataclasses.asdict(cls.Options(**options))
 
     def setup(self) -> None:
         """Choose the trainable parameters and declare the roles (``self.roles = Roles(self.run, ...)``)."""
@@ -87,6 +117,34 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+# ------------------------------------------------------------------------------------------ checks
+def optional(check: Callable) -> Callable:
+    """``check``, with None also accepted (None: the method decides)."""
+    return lambda name, value: None if value is None else check(name, value)
+
+
+def positive(allow_zero: bool = False) -> Callable:
+    return lambda name, value: check_positive_float(name, value, allow_zero=allow_zero)
+
+
+def one_of(*choices) -> Callable:
+    return lambda name, value: check_choice(name, value, choices)
+
+
+def integer(lo: int = 1, allow_none: bool = False) -> Callable:
+    def check(name, value):
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise bad_value(name, f"an int >= {lo}" + (" or None" if allow_none else ""), value)
+    return check
+
+
+def boolean(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise bad_type(name, "True or False", value)
 
 
 def check_positive_float(name: str, value, allow_zero: bool = False) -> None:

@@ -106,20 +106,63 @@ of its rate; 3e-5 × 200 steps: 0%, 0.98, 0.93; lr 3e-4 cut the weakest digits b
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 
 from .. import ops
 from ..conditioning import cat_cond, cond_len, take_cond
-from ..errors import bad_type, bad_value
+from ..errors import bad_value
 from ..roles import Roles
 from ..surgery import clip_factor, clip_single, dense_grads, pair_stats, write_combination
 from ..targets import Classes, Concept, DataPoints
-from .base import Method, check_choice, check_positive_float, register
-from .esd import PARAM_SUBSETS, apply_param_subset, check_params, encode_prompts, generate
+from .base import Method, Options, boolean, integer, one_of, option, optional, positive, register
+from .esd import PARAM_SUBSETS, apply_param_subset, encode_prompts, generate
 
 FORGET_TARGETS = ("relabel", "uniform")
 LAMBDA_RULES = ("fixed", "adaptive", "bome")
+
+
+def _check_relabel(name, r):
+    if not (r in ("auto", "batch", "row") or (isinstance(r, int) and not isinstance(r, bool) and r >= 0)):
+        raise bad_value(name, "'auto' | 'batch' | 'row' | a class id to map the forgotten classes onto", r)
+
+
+def _check_ema(name, e):
+    if not (e in ("official", None) or (isinstance(e, float) and 0.0 < e < 1.0)):
+        raise bad_value(name, "None (off, the default), 'official' (0.99 on pixel models as the DDPM code, off "
+                        "on text models as the SD scripts) or a decay in (0, 1)", e)
+
+
+@dataclass(frozen=True)
+class EraseDiffOptions(Options):
+    """EraseDiff's options (module docstring for the measurements behind the defaults)."""
+
+    forget_target: Optional[str] = option(
+        None, "the target of the forget term: 'relabel' (conditional models) or 'uniform' (noise; the default on "
+        "unconditional models)", optional(one_of(*FORGET_TARGETS)))
+    lambd: float = option(0.1, "λ of L_r + λ L_f with lambda_rule='fixed' (the DDPM lambda_bome; the SD scripts "
+                          "use 1.0)", positive(allow_zero=True))
+    lambda_rule: str = option("fixed", "'fixed' (λ = lambd), 'adaptive' or 'bome' (λ from the two gradients, §4)",
+                              one_of(*LAMBDA_RULES))
+    eta_bome: float = option(0.1, "η of lambda_rule='bome'", positive(allow_zero=True))
+    antithetic_t: bool = option(True, "t = cat[t', T-1-t'] as in the official code", boolean)
+    relabel: Union[str, int] = option(
+        "auto", "'auto' (the kept class farthest in score space), 'batch' (official: a random class per batch), "
+        "'row', or a class id", _check_relabel)
+    params: str = option("full", "the trained subset: 'full' (DDPM code), 'esd-u', 'esd-x', 'esd-x-strict'",
+                         one_of(*PARAM_SUBSETS))
+    max_grad_norm: Optional[float] = option(1.0, "the global gradient clip (1.0 in the DDPM code; None: off)",
+                                            optional(positive()))
+    n_generate: int = option(256, "images generated per side for fu.Classes / fu.Concept targets", integer())
+    generate_steps: int = option(50, "DDIM steps of each generated image", integer())
+    generate_guidance: Optional[float] = option(
+        None, "classifier-free guidance weight of the generated images (None: no guidance)",
+        optional(positive()))
+    ema: Union[None, str, float] = option(
+        None, "EMA of the weights: None (off), 'official' (0.99 on pixel models, off on text models) or a decay",
+        _check_ema)
 
 
 def adaptive_lambda(nr2: float, nf2: float, dot: float, eta: float) -> float:
@@ -144,38 +187,8 @@ class EraseDiff(Method):
     targets = ("datapoints", "classes", "concept")
     needs_retain = False  # retain data is required, but it may be prompts or fu.Classes (checked in setup)
     defaults = dict(steps=150, batch_size=32, lr=5e-5, optimizer="adam", betas=(0.9, 0.999), weight_decay=0.0)
-    options = dict(forget_target=None, lambd=0.1, lambda_rule="fixed", eta_bome=0.1, antithetic_t=True,
-                   relabel="auto", params="full", max_grad_norm=1.0, n_generate=256, generate_steps=50,
-                   generate_guidance=None, ema=None)
+    Options = EraseDiffOptions
     OFFICIAL_EMA = 0.99  # cifar10_erasediff.yml (DDPM code); the SD scripts keep no EMA (§4.2, §4.4)
-
-    @classmethod
-    def validate_options(cls, opts):
-        if opts["forget_target"] is not None:
-            check_choice("forget_target", opts["forget_target"], FORGET_TARGETS)
-        check_positive_float("lambd", opts["lambd"], allow_zero=True)
-        check_choice("lambda_rule", opts["lambda_rule"], LAMBDA_RULES)
-        check_positive_float("eta_bome", opts["eta_bome"], allow_zero=True)
-        if not isinstance(opts["antithetic_t"], bool):
-            raise bad_type("antithetic_t", "True or False", opts["antithetic_t"])
-        r = opts["relabel"]
-        if not (r in ("auto", "batch", "row") or (isinstance(r, int) and not isinstance(r, bool) and r >= 0)):
-            raise bad_value("relabel", "'auto' | 'batch' | 'row' | a class id to map the forgotten classes onto", r)
-        e = opts["ema"]
-        if not (e in ("official", None) or (isinstance(e, float) and 0.0 < e < 1.0)):
-            raise bad_value("ema", "None (off, the default), 'official' (0.99 on pixel models as the DDPM code, off "
-                            "on text models as the SD scripts) or a decay in (0, 1)", e)
-        check_params(opts["params"])
-        if opts["params"] is None:
-            raise bad_value("params", " | ".join(PARAM_SUBSETS), None)
-        if opts["max_grad_norm"] is not None:
-            check_positive_float("max_grad_norm", opts["max_grad_norm"])
-        for name in ("n_generate", "generate_steps"):
-            v = opts[name]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise bad_value(name, "an int >= 1", v)
-        if opts["generate_guidance"] is not None:
-            check_positive_float("generate_guidance", opts["generate_guidance"])
 
     @classmethod
     def trainable_filter(cls, opts):

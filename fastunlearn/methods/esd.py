@@ -98,7 +98,8 @@ Options and their official origin (§6.3):
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 
@@ -109,7 +110,7 @@ from ..roles import Roles, set_trainable
 from ..run import step_generator
 from ..surgery import clip_single, dense_grads
 from ..targets import Classes, Concept
-from .base import Method, check_positive_float, register
+from .base import Method, Options, boolean, integer, option, optional, positive, register
 
 # §6.2: name -> predicate on parameter names (LoRA names contain the wrapped layer's name).
 PARAM_SUBSETS = {
@@ -229,11 +230,42 @@ def generate(run, eps_fn, cond, seed: int, num_steps: int = 50, guidance: Option
     return torch.cat(out)
 
 
-def _check_int(name, v, lo=1, allow_none=False):
-    if v is None and allow_none:
+def _check_null_class(name, v):
+    if v == "mean":
         return
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise bad_value(name, f"an int >= {lo}" + (" or None" if allow_none else ""), v)
+    if isinstance(v, str):
+        raise bad_value(name, "None, 'mean' or a class id (int >= 0)", v)
+    integer(lo=0, allow_none=True)(name, v)
+
+
+def _check_prompt(name, v):
+    if v is not None and (not isinstance(v, str) or not v):
+        raise bad_value(name, "a non-empty prompt or None", v)
+
+
+@dataclass(frozen=True)
+class ESDOptions(Options):
+    """ESD's options (module docstring for the choices behind the defaults)."""
+
+    negative_guidance: Optional[float] = option(
+        None, "η (None: 1.0 for concepts, 20.0 for fu.Classes; module docstring)", optional(positive()))
+    params: Optional[str] = option(
+        None, "the trained subset: 'esd-x', 'esd-x-strict', 'esd-u', 'full', 'class-embedding' (None: esd-x on "
+        "text models, class-embedding for fu.Classes without LoRA, else full)", lambda n, v: check_params(v))
+    start_guidance: float = option(3.0, "w, the classifier-free guidance of the x_t trajectories", positive())
+    ddim_steps: int = option(50, "DDIM steps of a trajectory", integer())
+    trajectory_pool: bool = option(True, "sample x_t from a pool of full trajectories refreshed every pool_refresh "
+                                   "steps (False: B fresh trajectories each step, as the official loop)", boolean)
+    pool_size: Optional[int] = option(None, "trajectories in the pool (None: 4 x batch size)",
+                                      integer(allow_none=True))
+    pool_refresh: int = option(100, "steps between pool refreshes", integer())
+    null_class: Union[None, str, int] = option(
+        None, "ε(x_t, ∅) on class models: None (the model's null class, else the mean over classes), 'mean', "
+        "or a class id", _check_null_class)
+    erase_from: Optional[str] = option(None, "c_from for concepts (§6.1 --erase_from; None: the concept itself)",
+                                       _check_prompt)
+    max_grad_norm: Optional[float] = option(None, "the global gradient clip (None: off, as the official code)",
+                                            optional(positive()))
 
 
 # ----------------------------------------------------------------------------------------- method
@@ -245,8 +277,7 @@ class ESD(Method):
     defaults = dict(steps=200, batch_size=16, lr=1e-4, optimizer="adam", betas=(0.9, 0.999), weight_decay=0.0)
     class_defaults = dict(lr=3e-2)  # fu.Classes: one embedding row per class is trained (module docstring)
     negative_guidance_default = {"concept": 1.0, "classes": 20.0}
-    options = dict(negative_guidance=None, params=None, start_guidance=3.0, ddim_steps=50, trajectory_pool=True,
-                   pool_size=None, pool_refresh=100, null_class=None, erase_from=None, max_grad_norm=None)
+    Options = ESDOptions
 
     @classmethod
     def defaults_for(cls, forget, opts: dict, lora_rank=None) -> dict:
@@ -255,26 +286,6 @@ class ESD(Method):
         rows = isinstance(forget, Classes) and (opts.get("params") == "class-embedding"
                                                 or (opts.get("params") is None and lora_rank is None))
         return {**cls.defaults, **cls.class_defaults} if rows else dict(cls.defaults)
-
-    @classmethod
-    def validate_options(cls, opts):
-        if opts["negative_guidance"] is not None:
-            check_positive_float("negative_guidance", opts["negative_guidance"])
-        check_params(opts["params"])
-        check_positive_float("start_guidance", opts["start_guidance"])
-        _check_int("ddim_steps", opts["ddim_steps"])
-        if not isinstance(opts["trajectory_pool"], bool):
-            raise bad_type("trajectory_pool", "True or False", opts["trajectory_pool"])
-        _check_int("pool_size", opts["pool_size"], allow_none=True)
-        _check_int("pool_refresh", opts["pool_refresh"])
-        if opts["null_class"] != "mean":
-            if isinstance(opts["null_class"], str):
-                raise bad_value("null_class", "None, 'mean' or a class id (int >= 0)", opts["null_class"])
-            _check_int("null_class", opts["null_class"], lo=0, allow_none=True)
-        if opts["erase_from"] is not None and (not isinstance(opts["erase_from"], str) or not opts["erase_from"]):
-            raise bad_value("erase_from", "a non-empty prompt or None", opts["erase_from"])
-        if opts["max_grad_norm"] is not None:
-            check_positive_float("max_grad_norm", opts["max_grad_norm"])
 
     @classmethod
     def trainable_filter(cls, opts):

@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 
@@ -84,7 +85,7 @@ from ..models import Denoiser
 from ..roles import Roles
 from ..surgery import dense_grads
 from ..targets import Classes, Concept
-from .base import Method, check_positive_float, register
+from .base import Method, Options, option, optional, positive, register
 
 # Official DDPM timesteps (§5.5) on the linear β schedule 1e-4 → 0.02, T = 1000; other schedules use the
 # timesteps with the same noise level s_t.
@@ -123,6 +124,59 @@ class Labels:
     n_remain: int
 
 
+def _check_alpha(name, a):
+    if isinstance(a, bool) or not isinstance(a, (int, float)):
+        raise bad_type(name, "a number", a)
+    if not math.isfinite(a):
+        raise bad_value(name, "a finite number", a)
+
+
+def _check_timestep(name, v):
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+        raise bad_value(name, "None or an int timestep >= 0", v)
+
+
+def _check_two_stage(name, v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise bad_value(name, "an int >= 0 (steps of plain SiD distillation before forgetting)", v)
+
+
+def _check_override(name, o):
+    if o is not None and not isinstance(o, str) and (isinstance(o, bool) or not isinstance(o, int) or o < 0):
+        raise bad_value(name, "None, a class id (int >= 0) or an anchor prompt (str)", o)
+
+
+def _check_forget_batch(name, v):
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        raise bad_value(name, "None or an int >= 1", v)
+
+
+@dataclass(frozen=True)
+class SFDOptions(Options):
+    """SFD's options (module docstring for the official values)."""
+
+    alpha: float = option(1.2, "α of the SiD generator loss", _check_alpha)
+    override: Union[None, int, str] = option(
+        None, "the class (or anchor prompt) the forgotten one is mapped onto (None: Classes.override)",
+        _check_override)
+    t_init: Optional[int] = option(None, "t* of the one-step generator (None: the official noise level)",
+                                   _check_timestep)
+    t_min: Optional[int] = option(None, "the lowest t of the score terms (None: the official noise level)",
+                                  _check_timestep)
+    t_max: Optional[int] = option(None, "the highest t of the score terms (None: the official noise level)",
+                                  _check_timestep)
+    sg_remain_coef: float = option(1.0, "λ_r^ψ, the fake score's remain weight", positive(allow_zero=True))
+    sg_forget_coef: float = option(1.0, "λ_f^ψ, the fake score's forget weight", positive(allow_zero=True))
+    g_remain_coef: float = option(1.0, "λ_r^G, the generator's remain weight", positive(allow_zero=True))
+    g_forget_coef: float = option(1.0, "λ_f^G, the generator's forget weight", positive(allow_zero=True))
+    two_stage: int = option(0, "the first N steps are plain SiD distillation (no forgetting)", _check_two_stage)
+    lr_fake: float = option(1e-5, "ψ's learning rate (lr is θ's; both the official 1e-5)", positive())
+    forget_batch_size: Optional[int] = option(None, "forget rows per step (None: as many as remain rows, as the "
+                                              "official loop)", _check_forget_batch)
+    clip_value: Optional[float] = option(1.0, "the value clip of both steps' gradients (None: off)",
+                                         optional(positive()))
+
+
 @register
 class SFD(Method):
     name = "sfd"
@@ -135,36 +189,7 @@ class SFD(Method):
     # digit of the bundled model completely (README numbers).
     defaults = dict(steps=100, batch_size=32, lr=1e-5, betas=(0.0, 0.999), weight_decay=0.0, eps=1e-8,
                     optimizer="adam")
-    options = dict(alpha=1.2, override=None, t_init=None, t_min=None, t_max=None,
-                   sg_remain_coef=1.0, sg_forget_coef=1.0, g_remain_coef=1.0, g_forget_coef=1.0,
-                   two_stage=0, lr_fake=1e-5, forget_batch_size=None, clip_value=1.0)
-
-    # ------------------------------------------------------------------ options
-    @classmethod
-    def validate_options(cls, opts):
-        a = opts["alpha"]
-        if isinstance(a, bool) or not isinstance(a, (int, float)):
-            raise bad_type("alpha", "a number", a)
-        if not math.isfinite(a):
-            raise bad_value("alpha", "a finite number", a)
-        for k in ("sg_remain_coef", "sg_forget_coef", "g_remain_coef", "g_forget_coef"):
-            check_positive_float(k, opts[k], allow_zero=True)
-        check_positive_float("lr_fake", opts["lr_fake"])
-        if opts["clip_value"] is not None:
-            check_positive_float("clip_value", opts["clip_value"])
-        for k in ("t_init", "t_min", "t_max"):
-            v = opts[k]
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-                raise bad_value(k, "None or an int timestep >= 0", v)
-        ts = opts["two_stage"]
-        if isinstance(ts, bool) or not isinstance(ts, int) or ts < 0:
-            raise bad_value("two_stage", "an int >= 0 (steps of plain SiD distillation before forgetting)", ts)
-        fb = opts["forget_batch_size"]
-        if fb is not None and (isinstance(fb, bool) or not isinstance(fb, int) or fb < 1):
-            raise bad_value("forget_batch_size", "None or an int >= 1", fb)
-        o = opts["override"]
-        if o is not None and not isinstance(o, str) and (isinstance(o, bool) or not isinstance(o, int) or o < 0):
-            raise bad_value("override", "None, a class id (int >= 0) or an anchor prompt (str)", o)
+    Options = SFDOptions
 
     # ------------------------------------------------------------------ setup
     def setup(self):

@@ -48,20 +48,60 @@ does not arise; in the weights' degenerate regime (§2.7, most t on pixel data) 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
 from ..surgery import clip_single, dense_grads, negation_scale, norm_fixed_negation
 from .. import ops
 from ..conditioning import where_cond
 from ..losses import dsm_loss
-from .base import Method, check_choice, check_positive_float, check_unit_interval, register
+from .base import Method, Options, check_choice, check_unit_interval, one_of, option, optional, positive, register
 
 _SISS_DEFAULTS = dict(steps=300, batch_size=64, lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6)
 
 
-def _check_norm_every(v):
+def _check_norm_every(name, v):
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        check_choice("norm_every", v, ("an int >= 1 (1: exact ‖g_a‖ every step)",))
+        check_choice(name, v, ("an int >= 1 (1: exact ‖g_a‖ every step)",))
+
+
+def _check_t_fixed(name, v):
+    if not (isinstance(v, int) and 0 <= v < 1000):
+        check_choice(name, v, ("an int timestep in [0, T)",))
+
+
+@dataclass(frozen=True)
+class DeletionOptions(Options):
+    """Naive deletion's options, which every method of this module has."""
+
+    t_sampling: str = option("uniform", '"uniform" (t ~ U{0..T-1}, the MNIST script) or "fixed" (t = t_fixed, the '
+                             "CelebA-HQ / SD scripts)", one_of("uniform", "fixed"))
+    t_fixed: int = option(999, 't with t_sampling="fixed"', _check_t_fixed)
+    max_grad_norm: Optional[float] = option(1.0, "the global gradient clip (1.0 hard-coded in the official code; "
+                                            "None: off)", optional(positive()))
+
+
+@dataclass(frozen=True)
+class NegGradOptions(DeletionOptions):
+    superfactor: float = option(1.0, "NegGrad's s, the scale of the ascent (the MNIST config's commented value is "
+                                "0.0303)", positive())
+    superfactor_decay: float = option(1.0, "s is multiplied by this every step", positive())
+
+
+@dataclass(frozen=True)
+class SISSNoISOptions(DeletionOptions):
+    scaling_norm: float = option(2.0, "S, the fixed norm of the NegGrad term (module docstring: official 5 MNIST, "
+                                 "500 CelebA-HQ / SD)", positive(allow_zero=True))
+    norm_every: int = option(1, "1: the exact ‖g_a‖ every step; k > 1: lagged NegGrad scale, one backward on k-1 "
+                             "of k steps (§2.8)", _check_norm_every)
+
+
+@dataclass(frozen=True)
+class SISSOptions(SISSNoISOptions):
+    lambd: float = option(0.5, "λ, the mixture weight of the forget component (0.5 in every official config)",
+                          check_unit_interval)
 
 
 class _DeletionMethod(Method):
@@ -70,15 +110,7 @@ class _DeletionMethod(Method):
     targets = ("datapoints",)
     needs_forget_data = True
     defaults = _SISS_DEFAULTS
-
-    @classmethod
-    def validate_options(cls, opts):
-        if "t_sampling" in opts:
-            check_choice("t_sampling", opts["t_sampling"], ("uniform", "fixed"))
-        if "t_fixed" in opts and not (isinstance(opts["t_fixed"], int) and 0 <= opts["t_fixed"] < 1000):
-            check_choice("t_fixed", opts["t_fixed"], ("an int timestep in [0, T)",))
-        if opts.get("max_grad_norm") is not None:
-            check_positive_float("max_grad_norm", opts["max_grad_norm"])
+    Options = DeletionOptions
 
     def trainable_parameters(self):
         return self.run.trainable_parameters()
@@ -111,16 +143,9 @@ class _DeletionMethod(Method):
 class _NormFixed(_DeletionMethod):
     """SISS and SISS (No IS) share §2.2's surgery: g = g_x − (S/‖g_a‖) g_a, global clip."""
 
-    options = dict(lambd=0.5, scaling_norm=2.0, t_sampling="uniform", t_fixed=999, max_grad_norm=1.0, norm_every=1)
+    Options = SISSNoISOptions
     needs_retain = True
     _norm_a = None
-
-    @classmethod
-    def validate_options(cls, opts):
-        super().validate_options(opts)
-        check_unit_interval("lambd", opts["lambd"])
-        check_positive_float("scaling_norm", opts["scaling_norm"], allow_zero=True)
-        _check_norm_every(opts["norm_every"])
 
     def two_grads(self, loss_x, loss_a):
         """g_x and g_a as two VJPs from the one forward, straight into fresh tensors."""
@@ -153,6 +178,7 @@ class _NormFixed(_DeletionMethod):
 class SISS(_NormFixed):
     name = "siss"
     description = "Subtracted Importance Sampled Scores (Alberti et al., ICLR 2025)"
+    Options = SISSOptions
 
     def step(self, step, gen):
         run, B = self.run, self.run.batch_size
@@ -177,14 +203,6 @@ class SISS(_NormFixed):
 class SISSNoIS(_NormFixed):
     name = "siss-nois"
     description = "SISS without importance sampling: two forwards (§3.3)"
-    options = {k: v for k, v in _NormFixed.options.items() if k != "lambd"}
-
-    @classmethod
-    def validate_options(cls, opts):
-        _DeletionMethod.validate_options(opts)
-        check_positive_float("scaling_norm", opts["scaling_norm"], allow_zero=True)
-        _check_norm_every(opts["norm_every"])
-
     def step(self, step, gen):
         run, B = self.run, self.run.batch_size
         keep, forget = run.retain_batch(gen, B), run.forget_batch(gen, B)
@@ -204,7 +222,6 @@ class SISSNoIS(_NormFixed):
 class NaiveDeletion(_DeletionMethod):
     name = "naive"
     description = "naive deletion: fine-tune on the retain set only (§3.1)"
-    options = dict(t_sampling="uniform", t_fixed=999, max_grad_norm=1.0)
     needs_retain = True
     needs_forget_data = False
 
@@ -217,13 +234,7 @@ class NaiveDeletion(_DeletionMethod):
 class NegGrad(_DeletionMethod):
     name = "neggrad"
     description = "NegGrad: gradient ascent on the forget set (§3.2)"
-    options = dict(superfactor=1.0, superfactor_decay=1.0, t_sampling="uniform", t_fixed=999, max_grad_norm=1.0)
-
-    @classmethod
-    def validate_options(cls, opts):
-        super().validate_options(opts)
-        check_positive_float("superfactor", opts["superfactor"])
-        check_positive_float("superfactor_decay", opts["superfactor_decay"])
+    Options = NegGradOptions
 
     def step(self, step, gen):
         s = self.opts["superfactor"] * self.opts["superfactor_decay"] ** step
