@@ -47,8 +47,17 @@ from typing import Optional
 
 import torch
 
+from . import zoo
+from .datasets import digits_tensors
+from .errors import bad_value
+from .evaluation import _evaluate
 from .files import write_json, write_text
+from .methods import REGISTRY, get_method
+from .metrics import NEAR_COPY_MSE
+from .models import digits_scheduler, load_unet
+from .result import Result
 from .viz import plot_bench, plot_bench_samples
+from .zoo.recipe import RETRAINED, retrained_name
 
 FORGET_CLASS = 3
 # A source checkout (the bench's results are committed there); from an installed wheel this is site-packages.
@@ -77,8 +86,6 @@ FULL = dict(steps=None, n_per_class=100, n_samples=1000, num_inference_steps=50)
 
 # ------------------------------------------------------------------------------------------------ setup
 def retrained_folder(setting: str) -> Path:
-    from .zoo.recipe import RETRAINED, retrained_name
-
     return RETRAINED / retrained_name(setting if setting == "class" else "outlier", FORGET_CLASS)
 
 
@@ -91,8 +98,6 @@ def fits(cls, setting: str) -> bool:
 
 
 def base_model(setting: str):
-    from . import zoo
-
     return zoo.digits() if setting == "class" else zoo.digits_outlier()
 
 
@@ -170,8 +175,6 @@ def _judge_rows(setting: str, grid) -> list:
 
 
 def _measure(res, setting, judge, proto):
-    from .evaluation import _evaluate
-
     report, grid = _evaluate(res, before=False, forget=judge, n_per_class=proto["n_per_class"],
                              n_samples=proto["n_samples"], num_inference_steps=proto["num_inference_steps"],
                              seed=0)
@@ -184,7 +187,6 @@ def _measure(res, setting, judge, proto):
 def run_method(name: str, setting: str, proto: dict, threads: Optional[int] = None) -> dict:
     """Erase with method ``name`` in ``setting``, then evaluate; one row of the table (and picture rows)."""
     import fastunlearn as fu
-    from .methods import get_method
 
     if threads:
         torch.set_num_threads(threads)
@@ -212,8 +214,6 @@ def run_method(name: str, setting: str, proto: dict, threads: Optional[int] = No
 def run_reference(kind: str, setting: str, proto: dict, retrain_steps: Optional[int] = None,
                   threads: Optional[int] = None) -> dict:
     """The original model's row, or the retrained-from-scratch model's row."""
-    from .result import Result
-
     if threads:
         torch.set_num_threads(threads)
     _, judge = targets(setting)[1:]
@@ -231,8 +231,6 @@ def run_reference(kind: str, setting: str, proto: dict, retrain_steps: Optional[
                                     f"retrain-{'class' if setting == 'class' else 'outlier'} or pass --retrain-steps")
         from diffusers import DDPMScheduler
 
-        from .models import load_unet
-
         unet, sched = load_unet(folder).eval(), DDPMScheduler.from_pretrained(folder)
         rec = json.loads((folder / "training.json").read_text())
         row.update(seconds=rec["seconds"], steps=rec["steps"], batch_size=rec["batch"],
@@ -247,10 +245,6 @@ def run_reference(kind: str, setting: str, proto: dict, retrain_steps: Optional[
 
 def retrain(setting: str, steps: int, batch: int = 128):
     """Train the reference from scratch within the run, with the recipe that trained the committed ones."""
-    from . import zoo
-    from .datasets import digits_tensors
-    from .models import digits_scheduler
-
     images, labels = digits_tensors()
     t0 = time.perf_counter()
     if setting == "class":
@@ -302,8 +296,6 @@ def run_bench(out=None, quick: bool = False, methods=None, settings=SETTINGS, is
               num_inference_steps: Optional[int] = None, log=print) -> dict:
     """Run the benchmark; write ``bench.json``, ``bench.md``, ``bench.png`` and ``bench_samples.png`` to
     ``out``. Returns the JSON document."""
-    from .methods import REGISTRY
-
     proto = dict(QUICK if quick else FULL)
     for k, v in (("steps", steps), ("n_per_class", n_per_class), ("n_samples", n_samples),
                  ("num_inference_steps", num_inference_steps)):
@@ -313,8 +305,6 @@ def run_bench(out=None, quick: bool = False, methods=None, settings=SETTINGS, is
     names = sorted(REGISTRY) if methods is None else list(methods)
     unknown = [m for m in names if m not in REGISTRY]
     if unknown:
-        from .errors import bad_value
-
         raise bad_value("methods", f"registered methods ({', '.join(sorted(REGISTRY))})", unknown)
     t0 = time.perf_counter()
     rows = []
@@ -363,8 +353,6 @@ def default_out(quick: bool) -> Path:
 
 
 def _near_copy():
-    from .metrics import NEAR_COPY_MSE
-
     return NEAR_COPY_MSE
 
 

@@ -45,6 +45,7 @@ import torch
 
 from .errors import CorruptResultError, NonFiniteError, bad_value, write_error
 from .files import publish_dir, temp_name
+from .validation import model_digest
 
 CHECKPOINTS = "checkpoints"
 STATE_JSON = "state.json"
@@ -162,8 +163,6 @@ def data_digest(data) -> Optional[str]:
 def run_fingerprint(*, method, options, batch_size, lr, seed, optimizer, defaults, lora_rank, precision, model,
                     forget, forget_data, retain, retain_data) -> dict:
     """What a resumed run must share with the checkpointed one (see ``FINGERPRINT_KEYS``)."""
-    from .validation import model_digest
-
     return {
         "method": method, "options": options, "batch_size": batch_size, "lr": lr, "seed": seed,
         "optimizer": optimizer, "lora_rank": lora_rank, "precision": precision,

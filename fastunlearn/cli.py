@@ -14,13 +14,16 @@ import textwrap
 import typing
 
 from .config import PRECISIONS, RunConfig, fields
+from .distributed import is_main_process
 from .errors import FastUnlearnError
-from .files import json_default
+from .files import atomic_path, json_default
 from .methods import REGISTRY
+from .result import RUN_FOLDERS
+from .targets import DataPoints
 
 
 def _demo(args):
-    from .demo import run_demo
+    from .demo import run_demo  # each command's module is loaded when the command runs
 
     run_demo(args.out, digit=args.digit, steps=args.steps, progress=not args.no_progress, seed=args.seed)
 
@@ -81,8 +84,6 @@ def _check_erase_args(args) -> None:
     training, it would cost the whole run)."""
     from pathlib import Path
 
-    from .result import RUN_FOLDERS
-
     def fail(msg):
         raise SystemExit(f"fastunlearn erase: error: {msg}")
 
@@ -127,9 +128,6 @@ def _validation_writer(args):
     import torch
     from diffusers.image_processor import VaeImageProcessor
     from diffusers.utils import make_image_grid
-
-    from .distributed import is_main_process
-    from .files import atomic_path
 
     folder = Path(args.result_dir or args.output_dir) / "validation"
 
@@ -184,7 +182,6 @@ def _erase(args):
         callback = _validation_writer(args)
         res = fu.erase(model, forget=forget, retain=retain, method=args.method, scheduler=scheduler, **_settings(args),
                        callback=callback, **options)
-        from .distributed import is_main_process
 
         if not is_main_process():  # accelerate launch: every process trained the same weights; one writes
             return
@@ -313,7 +310,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------ eval
 def _eval(args):
     from .evaluation import evaluate, format_report
-    from .targets import DataPoints
 
     try:
         forget = DataPoints(args.forget_data) if args.forget_data else None

@@ -9,14 +9,15 @@ from pathlib import Path
 import torch
 
 from .files import write_text
+from .metrics import recognition_rates, summarize_classes
+from .models import Denoiser
+from .sampling import ddim_sample
+from .viz import save_before_after
 
 
 def run_demo(out="fastunlearn-demo", digit: int = 3, n_per_class: int = 100, steps=None, progress: bool = True,
              seed: int = 0, overwrite: bool = True) -> dict:
     import fastunlearn as fu
-    from .metrics import recognition_rates, summarize_classes
-    from .sampling import ddim_sample
-    from .viz import save_before_after
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -60,5 +61,4 @@ def run_demo(out="fastunlearn-demo", digit: int = 3, n_per_class: int = 100, ste
 
 
 def unet_shape(unet):
-    from .models import Denoiser
     return Denoiser(unet).sample_shape

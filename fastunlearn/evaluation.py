@@ -42,11 +42,15 @@ from pathlib import Path
 
 import torch
 
+from . import datasets, zoo
 from .errors import FastUnlearnError, bad_type, bad_value
 from .files import write_json
 from .inputs import is_pipeline, resolve
-from .metrics import NEAR_COPY_MSE, frechet_distance, judge, near_copy_rate, nearest_mse
+from .metrics import NEAR_COPY_MSE, frechet_distance, judge, near_copy_rate, nearest_mse, summarize_classes
+from .models import Denoiser
 from .provenance import describe_forget, forget_from_meta
+from .result import META_FILE, Result, load
+from .targets import Classes, Concept, DataPoints
 from .viz import save_evaluation_picture
 
 # Recognisable: the classifier's top softmax probability exceeds this (the SISS outlier test's judge).
@@ -59,15 +63,11 @@ PICTURE_FILE = "before_after.png"
 # ------------------------------------------------------------------------------------------------ resolving
 def _as_result(obj, scheduler, what: str):
     """A ``Result`` (and its folder, if it came from one) from a Result, a folder, a model or "zoo:NAME"."""
-    from .result import META_FILE, Result, load
-
     if isinstance(obj, Result):
         return obj, None
     if isinstance(obj, (str, Path)):
         text = str(obj)
         if text.startswith("zoo:"):
-            from . import zoo
-
             name = text[4:]
             if name not in zoo.NAMES:
                 raise bad_value(what, " | ".join(f"zoo:{n}" for n in zoo.NAMES) + " or a folder", text)
@@ -109,8 +109,6 @@ _BUNDLED_JUDGE = {}
 
 def _default_judge(shape, classifier, reference):
     """(classifier, reference labels, reference features); the bundled pair's features are computed once."""
-    from . import datasets, zoo
-
     digits_like = tuple(shape) == (1, 8, 8)
     if classifier is None and not digits_like:
         raise bad_value("classifier", f"a classifier module for {tuple(shape)} images (with .embed() for "
@@ -180,8 +178,6 @@ def _evaluate(result, *, before=None, forget=None, scheduler=None, reference=Non
     if before is not None and before is not False:
         before_res, _ = _as_result(before, scheduler or res.scheduler, "before")
 
-    from .models import Denoiser
-
     den = Denoiser(res.model)
     settings = {"num_inference_steps": num_inference_steps, "seed": seed, "sampler": "DDIM eta=0 (SFD: one-step)",
                 "near_copy_mse": NEAR_COPY_MSE, "confident": CONFIDENT}
@@ -202,8 +198,6 @@ def _evaluate(result, *, before=None, forget=None, scheduler=None, reference=Non
         if (before_res is not None and forget is not None) or class_prompts is None:  # the shift: before + concept
             measured, grid = _evaluate_text(res, before_res, forget, prompts, seed, settings, num_inference_steps)
         if class_prompts is not None:
-            from .targets import Classes
-
             clf, ref_labels, ref_feats = _default_judge(den.sample_shape, classifier, reference)
             settings.update(class_prompts=class_prompts, n_per_class=n_per_class,
                             classifier="fastunlearn.zoo.classifier" if classifier is None else type(classifier).__name__)
@@ -248,8 +242,6 @@ def _ref_text(before):
 
 
 def _forgotten_classes(forget) -> list:
-    from .targets import Classes, DataPoints
-
     if isinstance(forget, Classes):
         return list(forget.ids)
     if isinstance(forget, DataPoints) and forget.labels is not None:
@@ -279,9 +271,6 @@ def _class_measures(res, clf, ref_feats, classes, n_per_class, steps, seed, forg
 
 def _evaluate_classes(res, before_res, forget, clf, ref_labels, rf, n_per_class, steps, seed, num_classes,
                       class_prompts=None):
-    from .metrics import summarize_classes
-    from .targets import DataPoints
-
     classes = list(range(num_classes))
     forgotten = _forgotten_classes(forget)
     if ref_labels is None:
@@ -329,8 +318,6 @@ def _uncond_measures(res, clf, ref_feats, n, steps, seed, forget_imgs):
 
 
 def _evaluate_unconditional(res, before_res, forget, clf, ref_feats, n, steps, seed):
-    from .targets import DataPoints
-
     forget_imgs = forget.images.float() if isinstance(forget, DataPoints) else None
     after, rows_after = _uncond_measures(res, clf, ref_feats, n, steps, seed, forget_imgs)
     report = {"kind": "data" if forget_imgs is not None else "unconditional", "after": after}
@@ -354,9 +341,6 @@ def _draw(res, n: int, prompts, steps: int, seed: int) -> torch.Tensor:
 def _evaluate_text(res, before_res, forget, prompts, seed, settings, steps: int = 50, n_noisy: int = 16):
     """Concept shift on held-out noisy inputs: mean squared change of ε(x_t, prompt) from before to after,
     for the forgotten concept and for unrelated prompts (no sampling, no classifier)."""
-    from .models import Denoiser
-    from .targets import Concept
-
     if before_res is None:
         raise bad_value("before", "the model before unlearning (a text model has no labelled judge; the measure "
                         "is the change of the concept's prediction)", None)

@@ -18,11 +18,13 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import pipelines
-from .prompts import prompt_encoder, sdxl_prompt_encoder
 from .errors import CorruptResultError, MissingFileError, bad_type, bad_value
-from .models import Denoiser
+from .models import Denoiser, load_unet
+from .prompts import prompt_encoder, sdxl_prompt_encoder
 from .pipelines import is_pipeline  # noqa: F401  (re-exported: resolvers ask inputs.is_pipeline)
 from .targets import Classes, Concept, DataPoints
+from .result import load
+from .validation import check_target_fits
 
 
 class Inputs(NamedTuple):
@@ -66,16 +68,12 @@ def _resolve_folder(folder: Path, scheduler, resolution, variant, torch_dtype) -
     import diffusers
     from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
-    from .models import load_unet
-
     if not folder.exists():
         raise MissingFileError(f"model: {str(folder)!r} does not exist (fastunlearn never downloads models)")
     if (folder / "model_index.json").exists():  # a pipeline folder (a result saved with pipeline=True too)
         pipe = pipelines.load_pipeline(folder, variant=variant, torch_dtype=torch_dtype)
         return resolve_pipeline(pipe, scheduler, resolution)
     if (folder / "fastunlearn.json").exists():
-        from .result import load
-
         res = load(folder)
         return Inputs(res.model, scheduler or res.scheduler, {})
     unet_dir = folder / "unet" if (folder / "unet" / "config.json").exists() else folder
@@ -181,8 +179,6 @@ def check_targets(forget, retain, method: str, cls) -> None:
 
 def check_fits(inputs: Inputs, forget, retain, resolution: Optional[int]) -> None:
     """The targets and the working resolution suit the model."""
-    from .validation import check_target_fits
-
     unet, extras = inputs.denoiser, inputs.extras
     den = Denoiser(unet)
     if resolution is not None and "vae_scale_factor" not in extras:

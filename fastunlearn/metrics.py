@@ -6,6 +6,7 @@ from typing import Iterable
 
 import torch
 
+from . import zoo
 from .errors import bad_value
 from .sampling import ddim_sample
 
@@ -17,8 +18,6 @@ NEAR_COPY_MSE = 0.1
 
 @torch.no_grad()
 def classify(images: torch.Tensor, classifier=None) -> torch.Tensor:
-    from . import zoo
-
     clf = classifier or zoo.classifier()
     return clf(images.float().clamp(-1, 1)).argmax(1)
 

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from .errors import bad_type, bad_value
+from .errors import CorruptResultError, MissingFileError, bad_value
 
 
 def load_pipeline(folder, variant=None, torch_dtype=None) -> "DiffusionPipeline":
@@ -39,8 +39,6 @@ def load_pipeline(folder, variant=None, torch_dtype=None) -> "DiffusionPipeline"
 
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging
-
-    from .errors import CorruptResultError, MissingFileError
 
     folder = Path(folder)
     if not any(folder.glob("*/*.safetensors")):

@@ -28,6 +28,11 @@ import torch
 from .config import as_torch_dtype
 from .errors import CorruptResultError, InvalidArgumentError, MissingFileError, NonFiniteError, write_error
 from .files import publish_dir
+from .lora import (_base_tensors, _fingerprint, base_fingerprint, find_base_on_disk, has_lora, load_diffusers_lora,
+                   merged_copy, same_fingerprint, save_diffusers_lora, write_diffusers_lora)
+from .methods import REGISTRY, get_method
+from .models import Denoiser, restore_extra_config
+from .pipelines import decode_latents, is_pipeline, load_pipeline, pipeline_parts
 from .sampling import ddim_sample
 
 META_FILE = "fastunlearn.json"
@@ -91,8 +96,6 @@ class Result:
           tensor [n, 3, H, W] in [0, 1]) or "latent" (the latents, not decoded).
 
         SFD results sample with the one-step generator (decoded through the VAE on a latent model)."""
-        from .models import Denoiser
-
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             raise InvalidArgumentError(f"n: expected a positive int, got {n!r}")
         if num_inference_steps is not None and (isinstance(num_inference_steps, bool)
@@ -126,12 +129,8 @@ class Result:
                                                   output_type or "pil")
             cond, null = self._encode_prompts(prompts, n)
         if self.generator is not None:
-            from .methods.base import get_method
-
             x = get_method(self.method).sample_one_step(self, n, cond, seed)
             if pipe is not None:
-                from .pipelines import decode_latents
-
                 return decode_latents(pipe, x, output_type or "pil")
             return x
         steps = num_inference_steps or 50
@@ -261,8 +260,6 @@ class Result:
 
     def _pipeline_parts(self, pipeline) -> Optional[dict]:
         """``save(pipeline=...)``: the parts of the pipeline to write around the erased UNet, or None."""
-        from .pipelines import is_pipeline, load_pipeline, pipeline_parts
-
         if pipeline is False or pipeline is None:
             return None
         if pipeline is True:
@@ -315,8 +312,6 @@ def _save_pipeline(parts: dict, unet, scheduler, folder: Path) -> None:
     ``scheduler``, saved with diffusers' ``save_pretrained`` (safetensors)."""
     import diffusers
 
-    from .lora import merged_copy
-
     comps = dict(parts["components"], unet=merged_copy(unet).eval())
     if scheduler is not None:
         comps["scheduler"] = scheduler
@@ -345,8 +340,6 @@ def _describe_target(f: dict) -> str:
 def model_card(meta: dict, pipeline: bool = False) -> str:
     """The result's ``README.md``: Hugging Face model-card metadata and what was done, with how to load it."""
     from huggingface_hub import ModelCardData
-
-    from .methods import REGISTRY
 
     method = meta.get("method")
     base = meta.get("base_model")
@@ -428,8 +421,6 @@ def _save_weights(model, folder: Path, fused: Optional[bool], write_full: bool =
     as a diffusers LoRA file, a reference to the base folder it was loaded from (only if the weights
     there are the ones trained on, checked by fingerprint) and, with ``fused=True`` or when no such
     folder exists (``fused=None``), the merged full weights under ``unet/`` so the result loads alone."""
-    from .lora import base_fingerprint, find_base_on_disk, has_lora, save_diffusers_lora
-
     if not has_lora(model):
         if write_full:
             _save_model(model, folder / "unet")
@@ -448,8 +439,6 @@ def _save_roles(result, folder: Path, fused: Optional[bool], write_full: bool = 
     file (``pipe.load_lora_weights(folder)`` loads the one-step generator); the fake score ψ's adapter is
     a second diffusers LoRA file under ``fake_score/``. Full merged weights (``unet/`` = G_θ, ``fake_score/``
     = ψ) are written as ``_save_weights`` decides for other methods."""
-    from .lora import write_diffusers_lora
-
     roles = result.lora_roles
     info = write_diffusers_lora(folder, roles["generator"])
     info["fake_score"] = write_diffusers_lora(folder / "fake_score", roles["fake_score"])
@@ -486,8 +475,6 @@ def _load_denoiser(path: Path, meta: dict, base, role: Optional[str] = None):
 
     from safetensors import SafetensorError
 
-    from .lora import _base_tensors, _fingerprint, load_diffusers_lora, same_fingerprint
-
     ref = lora.get("base") or {}
     expected = ref.get("fingerprint")
     if base is None:
@@ -495,8 +482,6 @@ def _load_denoiser(path: Path, meta: dict, base, role: Optional[str] = None):
             raise MissingFileError(f"{path}: holds LoRA weights only; pass base= (the model it was trained from)")
         base = ref["path"]
     if isinstance(base, (str, Path)):
-        from .models import restore_extra_config
-
         import diffusers
 
         folder = Path(base)
@@ -531,8 +516,6 @@ def _load_denoiser(path: Path, meta: dict, base, role: Optional[str] = None):
 
 
 def _save_model(model, folder: Path):
-    from .lora import merged_copy
-
     merged_copy(model).save_pretrained(folder, safe_serialization=True)
 
 
@@ -572,7 +555,6 @@ def _load_model(folder: Path):
         state = load_file(str(weights))
     except Exception as e:
         raise CorruptResultError(f"{weights}: corrupt or truncated safetensors file ({e})") from e
-    from .models import restore_extra_config
 
     try:
         model = restore_extra_config(cls.from_config(cfg), cfg)

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 
 from .conditioning import cond_to as _to, take_cond as _index_cond
+from .lora import add_lora
 from .models import Denoiser
 
 
@@ -48,7 +49,6 @@ class Run:
         self.forget = forget  # (x0 [N, ...] or None, cond or None)
         self.retain = retain
         if lora_rank is not None:
-            from .lora import add_lora
             cuda = [self.device.index or 0] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=cuda):  # adapters start from `seed`, not the caller's RNG state
                 torch.manual_seed(seed)

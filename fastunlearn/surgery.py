@@ -11,6 +11,8 @@ from typing import Sequence
 
 import torch
 
+from . import ops
+
 
 def dense_grads(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Autograd's gradients with None (a parameter the loss does not reach) replaced by zeros, so that the
@@ -20,8 +22,6 @@ def dense_grads(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Ten
 
 def pair_stats(g1: Sequence[torch.Tensor], g2: Sequence[torch.Tensor]) -> tuple[float, float, float]:
     """(‖g_1‖², ‖g_2‖², ⟨g_1, g_2⟩) over all tensors, accumulated in fp32 (fp64 for the final sum)."""
-    from . import ops
-
     return ops.pair_stats(list(g1), list(g2))
 
 
@@ -70,8 +70,6 @@ def norm_fixed_negation(g_x, g_a, params, scaling_norm: float, max_grad_norm: fl
 
 def clip_single(g, params, max_grad_norm: float | None, scale: float = 1.0) -> dict:
     """p.grad = clip · scale · g with the global-norm clip computed from one fp32 reduction."""
-    from . import ops
-
     n2 = ops.sq_norm(list(g)) * scale * scale
     clip = clip_factor(n2, max_grad_norm)
     write_combination(params, g, scale * clip)

@@ -34,8 +34,9 @@ from . import distributed, runtime
 from .checkpoint import Checkpointer, run_fingerprint
 from .config import OPTIMIZERS, RunConfig
 from .errors import NonFiniteError, bad_value
-from .provenance import provenance
 from .inputs import Inputs, check_fits, encode_data, prepare_data
+from .methods import get_method
+from .provenance import provenance
 from .result import Result
 from .run import Run, step_generator
 from .targets import Concept, DataPoints
@@ -115,8 +116,6 @@ class Trainer:
                  data=None):
         """``data``: the run's ``(forget data, retain data)`` as ``prepare_data`` returns them, when the caller
         made them itself (the memory planner feeds fake latents with their prompts' embeddings)."""
-        from .methods import get_method
-
         cfg = config
         self.cls = get_method(method)
         self.method, self.options, self.model_arg = method, options, model

@@ -9,13 +9,12 @@ from __future__ import annotations
 import torch
 
 from .errors import bad_value
+from .targets import Classes, Concept
 
 
 def check_target_fits(forget, den) -> None:
     """The target matches the model: a text concept needs a text-conditional model, class ids a
     class-conditional one (the range of ids and labels is checked in ``erase``)."""
-    from .targets import Classes, Concept
-
     if isinstance(forget, Concept) and den.kind != "text":
         raise bad_value("forget", "fu.Concept only for a text-conditional model (UNet2DConditionModel or a "
                         "pipeline)", type(den.model).__name__)

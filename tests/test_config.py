@@ -5,7 +5,6 @@ import dataclasses
 import pytest
 import torch
 
-from fastunlearn import config
 from fastunlearn.config import RunConfig, fields
 from fastunlearn.errors import FastUnlearnError
 

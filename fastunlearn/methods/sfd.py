@@ -80,6 +80,7 @@ import torch
 from .. import ops
 from ..conditioning import slice_cond, take_cond
 from ..errors import bad_type, bad_value
+from ..lora import adapter_payload, base_reference
 from ..losses import sum_dims
 from ..models import Denoiser
 from ..roles import Roles
@@ -404,8 +405,6 @@ class SFD(Method):
         as the diffusers LoRA file (``pipe.load_lora_weights(dir)`` loads G_θ) and ψ's under ``fake_score/``."""
         roles = self.roles
         if roles.lora:
-            from ..lora import adapter_payload, base_reference
-
             model = self.run.model
             result.lora_roles = {role: adapter_payload(model, roles.adapter(role)) for role in roles.trained}
             result.lora_roles["base"] = base_reference(model)

@@ -56,7 +56,7 @@ import torch
 from ..surgery import clip_single, dense_grads, negation_scale, norm_fixed_negation
 from .. import ops
 from ..conditioning import where_cond
-from ..losses import dsm_loss
+from ..losses import dsm_loss, siss_mixture
 from .base import Method, Options, check_choice, check_unit_interval, one_of, option, optional, positive, register
 
 _SISS_DEFAULTS = dict(steps=300, batch_size=64, lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6)
@@ -189,7 +189,6 @@ class SISS(_NormFixed):
         mask = torch.rand(B, generator=gen) > self.opts["lambd"]  # True: keep component, prob 1−λ
         gamma, sigma = run.gamma_sigma(t)
         keep, forget, noise, mask, t, gamma, sigma = run.to_device(keep, forget, noise, mask, t, gamma, sigma)
-        from ..losses import siss_mixture
         m = siss_mixture(keep.x0, forget.x0, noise, mask, gamma, sigma)
         pred = run.denoiser(m.to(run.dtype), t, where_cond(mask, keep.cond, forget.cond))
         loss_x, loss_a, w_x, w_a = ops.siss_loss(pred, keep.x0, forget.x0, noise, mask, gamma, sigma,

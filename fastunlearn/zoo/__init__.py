@@ -6,6 +6,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ..classifier import DigitsClassifier
+from ..models import load_unet
+from ..pipelines import load_pipeline
+from ..text import DIGIT_NAMES, digit_prompt
+
 ZOO = Path(__file__).resolve().parent
 
 
@@ -31,8 +36,6 @@ def _load(name: str):
     """(unet, scheduler) of a bundled model (for the text pipeline: its UNet and scheduler)."""
     from diffusers import DDPMScheduler
 
-    from ..models import load_unet
-
     if name == "digits_text":
         pipe = digits_text()
         return pipe.unet, pipe.scheduler
@@ -56,8 +59,6 @@ def digits_outlier():
 
 def classifier():
     """The digits classifier (trained on real digits), in eval mode."""
-    from ..classifier import DigitsClassifier
-
     clf = DigitsClassifier()
     clf.load_state_dict(load_file(str(ZOO / "classifier.safetensors")))
     return clf.eval().requires_grad_(False)
@@ -69,9 +70,6 @@ def digits_text():
     digits with prompts that name them, ``fastunlearn.text.digit_prompt(c)`` ("a picture of the digit
     three"). Its UNet records those prompts (``fastunlearn_class_prompts``), so ``evaluate`` judges a
     concept erased from it class by class."""
-    from ..pipelines import load_pipeline
-    from ..text import DIGIT_NAMES, digit_prompt
-
     folder = ZOO / "digits_text"
     if not (folder / "model_index.json").exists():
         raise FileNotFoundError(f"bundled model 'digits_text' missing at {folder}: run scripts/train_digits.py "

@@ -65,7 +65,7 @@ _VICTIM = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import fastunlearn as fu
     from fastunlearn.methods import REGISTRY
-    from test_resume import _model, _split
+    from test_checkpoint import _model, _split
 
     out, steps = sys.argv[1], int(sys.argv[2])
     siss = REGISTRY["siss"]
