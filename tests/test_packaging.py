@@ -90,6 +90,10 @@ def test_wheel_contents(wheel):
                  "fastunlearn/zoo/retrained/digits_outlier_without_outlier/training.json",
                  "fastunlearn/configs/sdxl.json"):
         assert must in names, must
+    # every module of the package's source is in the wheel (a subpackage missing from pyproject's list is not)
+    src = REPO / "fastunlearn"
+    modules = {f"fastunlearn/{p.relative_to(src)}" for p in src.rglob("*.py") if "__pycache__" not in p.parts}
+    assert modules <= names, sorted(modules - names)
     top = {n.split("/")[0] for n in names}
     assert top == {"fastunlearn", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}, top
     assert not any(n.startswith(("tests/", "benchmarks/", "scripts/", "kernels/")) for n in names)

@@ -366,9 +366,13 @@ def test_auto_on_the_real_configs_answers_as_before(row):
         if not os.environ.get("FASTUNLEARN_GOLDEN_ALL"):
             pytest.skip("set FASTUNLEARN_GOLDEN_ALL=1 to check every recorded plan (minutes each on 2 cores)")
     p = planner.plan(row["model"], method=row["method"], resolution=row["resolution"], vram=row["vram"], auto=True)
-    for k in ("batch_size", "gradient_checkpointing", "optimizer", "lora_rank", "precision", "peak_gib", "parts_gib",
-              "fits", "notes"):
-        assert getattr(p, k) == row[k], k
+    for k in ("batch_size", "gradient_checkpointing", "optimizer", "lora_rank", "precision", "fits"):
+        assert getattr(p, k) == row[k], k  # the same choices
+    # The same bytes, within PLAN_TOLERANCE: rows marked "_changed" hold the plan of the method's own step (the
+    # redesign of issue 13), the note says what the planner's former copy of the step counted instead.
+    assert abs(p.peak_gib - row["peak_gib"]) <= PLAN_TOLERANCE * row["peak_gib"], (p.peak_gib, row["peak_gib"])
+    for k, v in row["parts_gib"].items():
+        assert abs(p.parts_gib[k] - v) <= PLAN_TOLERANCE * row["peak_gib"], (k, p.parts_gib[k], v)
 
 
 # ------------------------------------------------------------------------------- the method's own step
@@ -473,6 +477,12 @@ def test_plans_of_the_real_configs_are_the_recorded_ones(key):
     (``PLAN_TOLERANCE``): the largest difference measured is 0.27% (ESD, see above), a tenth of the 5% workspace
     margin the plan adds for what no trace sees; a step that gains or loses a network pass or a parameter-sized
     buffer moves the peak by far more than 1%."""
+    import os
+
+    # The default run checks every method once, on SD 1.5 with LoRA (what a user plans first); the full-weight
+    # and SDXL rows take 10 s to minutes each on 2 cores.
+    if key != f"sd15/{key.split('/')[1]}/lora=16" and not os.environ.get("FASTUNLEARN_GOLDEN_ALL"):
+        pytest.skip("set FASTUNLEARN_GOLDEN_ALL=1 to check the full-weight and SDXL plans (minutes on 2 cores)")
     row = PLAN_GOLDEN["plans"][key]
     model, method, lora = key.split("/")
     p = planner.plan(model, method=method, lora_rank=None if lora == "lora=None" else 16,
