@@ -15,16 +15,13 @@ import torch
 import fastunlearn as fu
 from fastunlearn.checkpoint import CHECKPOINTS, flatten, list_checkpoints, step_of, unflatten
 from fastunlearn.errors import FastUnlearnError, InvalidArgumentError
-from fastunlearn.methods import REGISTRY
+from helpers.runs import crash_at, digits_split
 
 TESTS = Path(__file__).resolve().parent
 
 
 def _split():
-    data = fu.datasets.digits()
-    three = data.labels == 3
-    return (fu.DataPoints(data.images[three][:40], labels=data.labels[three][:40]),
-            fu.DataPoints(data.images[~three][:200], labels=data.labels[~three][:200]))
+    return digits_split(40, 200)
 
 
 def _model():
@@ -126,17 +123,7 @@ def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path, one_thread):
 
 
 # ------------------------------------------------------------------------------------ in-process crashes
-def _crash_at(monkeypatch, method_name, at_step):
-    cls = REGISTRY[method_name]
-    original = cls.step
 
-    def crashing(self, step, gen):
-        if step == at_step:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, step, gen)
-
-    monkeypatch.setattr(cls, "step", crashing)
-    return lambda: monkeypatch.setattr(cls, "step", original)
 
 
 # Every registered method with its defaults: tests/test_methods_contract.py. Here the settings with state of
@@ -155,7 +142,7 @@ def test_crash_and_resume_matches_uninterrupted(tmp_path, monkeypatch, method, e
     torch.manual_seed(1)
     reference = fu.erase(unet, **kw)
     torch.manual_seed(7)  # the global RNG state must not matter (LoRA adapters start from `seed`)
-    undo = _crash_at(monkeypatch, method, at_step=3)
+    undo = crash_at(monkeypatch, method, at_step=3)
     with pytest.raises(KeyboardInterrupt):
         fu.erase(unet, output_dir=tmp_path, checkpoint_every=2, **kw)
     undo()
@@ -284,7 +271,7 @@ def test_cli_resume_continues_a_killed_run(tmp_path, monkeypatch):
     common = ["erase", "--model", "digits", "--classes", "3", "--method", "siss", "--batch-size", "2", "--steps", "3",
               "--no-progress"]
     run = tmp_path / "run"
-    undo = _crash_at(monkeypatch, "siss", at_step=2)
+    undo = crash_at(monkeypatch, "siss", at_step=2)
     with pytest.raises(KeyboardInterrupt):
         main(common + ["--out", str(run), "--checkpoint-every", "1"])
     undo()

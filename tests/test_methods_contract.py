@@ -8,6 +8,7 @@ import fastunlearn as fu
 from fastunlearn.checkpoint import list_checkpoints, step_of
 from fastunlearn.errors import FastUnlearnError
 from fastunlearn.methods import REGISTRY
+from helpers.runs import crash_at, digits_split
 
 METHODS = sorted(n for n in REGISTRY if not n.startswith("_"))
 # Options that keep a method to seconds on the tiny model (fewer DDIM steps for ESD's trajectory pool); a method
@@ -26,10 +27,7 @@ def _model():
 def _kwargs(method, sched):
     """A target the method takes: the digit 3's images (with the rest kept) where it takes data, else class 3."""
     cls = REGISTRY[method]
-    data = fu.datasets.digits()
-    three = data.labels == 3
-    forget = fu.DataPoints(data.images[three][:16], labels=data.labels[three][:16])
-    retain = fu.DataPoints(data.images[~three][:64], labels=data.labels[~three][:64])
+    forget, retain = digits_split(16, 64)
     if "datapoints" in cls.targets:
         kw = dict(forget=forget, retain=retain)
     else:
@@ -70,17 +68,10 @@ def test_a_crashed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, method
     unet, sched = _model()
     kw = _kwargs(method, sched)
     reference = fu.erase(unet, **kw)
-    cls, original = REGISTRY[method], REGISTRY[method].step
-
-    def crashing(self, step, gen):
-        if step == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, step, gen)
-
-    monkeypatch.setattr(cls, "step", crashing)
+    undo = crash_at(monkeypatch, method, at_step=3)
     with pytest.raises(KeyboardInterrupt):
         fu.erase(unet, output_dir=tmp_path, checkpoint_every=2, **kw)
-    monkeypatch.setattr(cls, "step", original)
+    undo()
     assert [step_of(p) for p in list_checkpoints(tmp_path)] == [2]
     resumed = fu.erase(unet, output_dir=tmp_path, resume=True, **kw)
     assert resumed.meta["resumed_from_step"] == 2

@@ -14,6 +14,7 @@ import fastunlearn.result as result_mod
 from fastunlearn.checkpoint import CHECKPOINTS, list_checkpoints, step_of
 from fastunlearn.errors import CorruptResultError, InvalidArgumentError, MissingFileError, NonFiniteError, WriteError
 from fastunlearn.methods import REGISTRY
+from helpers.runs import crash_at, digits_split
 from helpers.models import tiny_unet
 
 
@@ -25,10 +26,7 @@ def _tiny():
 
 
 def _split():
-    data = fu.datasets.digits()
-    three = data.labels == 3
-    return (fu.DataPoints(data.images[three][:16], labels=data.labels[three][:16]),
-            fu.DataPoints(data.images[~three][:64], labels=data.labels[~three][:64]))
+    return digits_split(16, 64)
 
 
 def _result():
@@ -239,18 +237,10 @@ def test_the_nonfinite_streak_survives_a_resume(tmp_path, monkeypatch):
     """Steps 2, 3, ... are non-finite; killed after step 3, the resumed run still aborts at step 4."""
     unet, sched = _tiny()
     _inject(monkeypatch, bad_steps=set(range(2, 20)), how="grad")
-    cls = REGISTRY["siss"]
-    poisoned = cls.step
-
-    def crash(self, s, gen):
-        if s == 4:
-            raise KeyboardInterrupt("simulated kill")
-        return poisoned(self, s, gen)
-
-    monkeypatch.setattr(cls, "step", crash)
+    undo = crash_at(monkeypatch, "siss", at_step=4)  # on top of the poisoned step
     with pytest.raises(KeyboardInterrupt):
         _erase(unet, sched, steps=20, max_nonfinite=3, output_dir=tmp_path, checkpoint_every=1)
-    monkeypatch.setattr(cls, "step", poisoned)
+    undo()
     with pytest.raises(NonFiniteError, match=r"last at step 4"):
         _erase(unet, sched, steps=20, max_nonfinite=3, output_dir=tmp_path, resume=True)
 
