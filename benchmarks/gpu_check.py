@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -35,8 +37,10 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import torch  # noqa: E402
 
-MODELS = {"sd15": (512, ["siss", "siss-nois", "naive", "neggrad", "erasediff", "esd", "sfd"]),
-          "sdxl": (1024, ["siss", "siss-nois", "naive", "neggrad", "erasediff", "esd", "sfd"])}
+# SDXL first: the 24 GiB claim is about SDXL, so it gets its share of the budget before SD 1.5.
+MODELS = {"sdxl": (1024, ["siss", "siss-nois", "naive", "neggrad", "erasediff", "esd", "sfd"]),
+          "sd15": (512, ["siss", "siss-nois", "naive", "neggrad", "erasediff", "esd", "sfd"])}
+SHARE = {"sdxl": 0.6, "sd15": 1.0}  # of the budget left when the model starts
 GiB = 2**30
 
 
@@ -128,16 +132,36 @@ def method_child(model: str, dry: bool, steps: int, methods) -> None:
             t = time.perf_counter()
             px = res_px or pipe.unet.config.sample_size * (pipe.vae_scale_factor if pipe.vae is not None else 1)
             tg = targets(method, pipe, px, n=2)
-            res = fu.erase(pipe, method=method, steps=steps, progress=False, resolution=res_px, **cfg, **tg)
+            print(f"{model} {method} ...", file=sys.stderr, flush=True)
+            try:
+                res = fu.erase(pipe, method=method, steps=steps, progress=False, resolution=res_px, **cfg, **tg)
+                row["kernels"] = "triton" if device == "cuda" else "torch"
+            except Exception as e:
+                if device != "cuda" or "triton" not in f"{type(e).__module__} {e}".lower():
+                    raise
+                # A Triton failure is recorded and the method measured on the PyTorch references instead.
+                row["triton_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                os.environ["FASTUNLEARN_KERNELS"] = "torch"
+                try:
+                    res = fu.erase(pipe, method=method, steps=steps, progress=False, resolution=res_px, **cfg, **tg)
+                finally:
+                    os.environ.pop("FASTUNLEARN_KERNELS")
+                row["kernels"] = "torch"
             secs = sorted(h["seconds"] for h in res.history[1:]) or [res.history[0]["seconds"]]
             row.update(seconds_per_step=round(secs[len(secs) // 2], 3), erase_seconds=round(time.perf_counter() - t, 1),
                        only_adapters_trained=all("lora_" in n for n, p in res.model.named_parameters()
                                                  if p.requires_grad))
             if device == "cuda":
+                # Two peaks: the run's own (erase() reads it before the caller's UNet goes back to the GPU:
+                # set-up and training, what the planner plans) and the whole call's, which also holds the
+                # moment the caller's UNet is back next to the trained copy that the Result keeps.
                 peak = torch.cuda.max_memory_allocated()
-                row.update(max_memory_allocated_gib=round(peak / GiB, 3), fits_24gib=peak <= 24 * GiB)
+                run_peak = res.meta.get("peak_memory_bytes") or peak
+                row.update(max_memory_allocated_gib=round(peak / GiB, 3), run_peak_gib=round(run_peak / GiB, 3),
+                           fits_24gib=peak <= 24 * GiB)
             del res
         except Exception as e:  # recorded; the next method runs
+            traceback.print_exc()
             row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
         print("ROW " + json.dumps(row), flush=True)
 
@@ -153,6 +177,7 @@ def run_methods(model: str, dry: bool, steps: int, deadline: float) -> list:
         proc.kill()
         out, err = proc.communicate()
         err = "stopped at the time budget\n" + (err or "")
+    sys.stderr.write(err or "")  # the child's log (tracebacks of failed methods) into this one's
     rows = {}
     for line in out.splitlines():
         if line.startswith("ROW "):
@@ -175,16 +200,23 @@ def markdown(doc: dict) -> str:
         f = lambda key: f"{k[key]:.3f}" if key in k else "–"  # noqa: E731
         lines.append(f"| {k['kernel']} | {f('eager_ms')} | {f('compile_ms')} | {f('triton_ms')} | "
                      f"{'yes' if k.get('triton_matches_reference') else '–'} |")
-    lines += ["", "| model | method | px | s/step | max_memory_allocated GiB | planned GiB | fits 24 GiB |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "run peak: `torch.cuda.max_memory_allocated` from erase()'s start to its result (set-up and training: "
+              "what the planner plans; the text encoders and VAE leave the GPU after set-up). call max: the same over "
+              "the whole call, which also holds the caller's UNet moved back next to the result's model.", "",
+              "| model | method | px | s/step | run peak GiB | planned GiB | ratio | call max GiB | fits 24 GiB |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in doc["methods"]:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['method']} | {r.get('resolution') or ''} | failed: "
-                         f"{r['error'][:100].replace('|', '/')} | | | |")
+                         f"{r['error'][:100].replace('|', '/')} | | | | | |")
             continue
-        mem = r.get("max_memory_allocated_gib")
-        lines.append(f"| {r['model']} | {r['method']} | {r.get('resolution') or 'toy'} | {r['seconds_per_step']:.2f} | "
-                     f"{'–' if mem is None else f'{mem:.2f}'} | {r.get('planned_peak_gib', '–')} | "
+        mem, run_peak = r.get("max_memory_allocated_gib"), r.get("run_peak_gib")
+        planned = r.get("planned_peak_encoders_off_gib")
+        g = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
+        ratio = "–" if run_peak is None or not planned else f"{run_peak / planned:.2f}"
+        name = r["method"] + (" (torch kernels: Triton failed)" if "triton_error" in r else "")
+        lines.append(f"| {r['model']} | {name} | {r.get('resolution') or 'toy'} | {r['seconds_per_step']:.2f} | "
+                     f"{g(run_peak)} | {g(planned)} | {ratio} | {g(mem)} | "
                      f"{'–' if mem is None else ('yes' if r['fits_24gib'] else 'NO')} |")
     return "\n".join(lines) + "\n"
 
@@ -195,7 +227,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--budget", type=float, default=450.0, help="seconds for the whole check (default 450)")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--plan-workers", type=int, default=None,
+                    help="processes tracing the plans meanwhile (default: the CPU cores less two)")
     ap.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
+    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: kernels, plans")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.methods:
@@ -216,16 +251,26 @@ def main(argv=None) -> int:
     deadline = t0 + a.budget
     # The planner's traces run on the CPU cores while the GPU runs the methods.
     jobs = [(m, meth, None if a.dry else MODELS[m][0]) for m in MODELS for meth in MODELS[m][1]]
-    workers = 1 if a.dry else max(1, min(len(jobs), (os.cpu_count() or 2) - 2))
-    pool = ProcessPoolExecutor(workers)
-    futures = {(m, meth): pool.submit(_plan, m, meth, px, a.dry) for m, meth, px in jobs}
+    workers = a.plan_workers or (1 if a.dry else max(1, min(len(jobs), (os.cpu_count() or 2) - 2)))
+    # spawned, not forked: a forked child of a process that has touched CUDA cannot use it (plan() asks torch
+    # about devices), and the first GPU run here lost every plan to "CUDA error: initialization error".
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    skip = set(filter(None, a.skip.split(",")))
+    futures = {} if "plans" in skip else {(m, meth): pool.submit(_plan, m, meth, px, a.dry) for m, meth, px in jobs}
     doc = {"device": "cpu" if a.dry else torch.cuda.get_device_name(0), "mode": "dry" if a.dry else "gpu",
-           "torch": torch.__version__, "config": run_config(a.dry), "kernels": check_kernels(a.dry, repeats=2 if a.dry else 20), "methods": []}
+           "torch": torch.__version__, "config": run_config(a.dry), "kernels": [] if "kernels" in skip else check_kernels(a.dry, repeats=2 if a.dry else 20),
+           "methods": []}
+    print(f"kernels checked at {time.monotonic() - t0:.0f} s", flush=True)
     for m in MODELS:
-        # SDXL gets the time SD 1.5 leaves, at most the rest of the budget less a margin for the report.
-        doc["methods"] += run_methods(m, a.dry, a.steps, deadline - 15)
+        # Each model gets its share of what is left (less a margin for the report); what it does not use
+        # goes to the next.
+        left = deadline - 15 - time.monotonic()
+        doc["methods"] += run_methods(m, a.dry, a.steps, time.monotonic() + SHARE[m] * left)
+        print(f"{m} done at {time.monotonic() - t0:.0f} s", flush=True)
     for r in doc["methods"]:
-        f = futures[(r["model"], r["method"])]
+        f = futures.get((r["model"], r["method"]))
+        if f is None:
+            continue
         try:
             r.update(f.result(timeout=max(deadline - time.monotonic(), 1)))
         except Exception as e:

@@ -218,7 +218,7 @@ def main(argv=None):
                    "error": f"{type(e).__name__}: {str(e)[:500]}"}
         print(("ROW " if a.json_line else "") + json.dumps(row), flush=True)
         return 0 if "error" not in row else 1
-    from fastunlearn.evaluation import write_json_atomic
+    from fastunlearn.files import write_json, write_text
 
     rows_file = RESULTS / "real_arch.json"
     rows = json.loads(rows_file.read_text())["rows"] if rows_file.exists() else []
@@ -232,9 +232,8 @@ def main(argv=None):
                                              "error": (proc.stderr or "no output")[-500:]}
         rows = [r for r in rows if (r["model"], r["method"]) != (a.model, m)] + [row]
         print(_table([row]).splitlines()[-1], flush=True)
-        write_json_atomic(rows_file, {"rows": rows})
-        (RESULTS / ".real_arch.md.tmp").write_text(_table(rows))
-        os.replace(RESULTS / ".real_arch.md.tmp", RESULTS / "real_arch.md")
+        write_json(rows_file, {"rows": rows})
+        write_text(RESULTS / "real_arch.md", _table(rows))
     print(_table(rows))
     return 0
 

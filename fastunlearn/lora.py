@@ -48,14 +48,22 @@ def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
 
     if not any(isinstance(m, BaseTunerLayer) for m in model.modules()):
         return model
-    merged = copy.deepcopy(model)
-    for name, module in list(merged.named_modules()):
+    return merge_in_place(copy.deepcopy(model))
+
+
+def merge_in_place(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` itself made a plain diffusers model: its active adapter merged into the base weights and
+    every peft layer replaced by its base layer (no second copy of the weights: for a model whose adapters
+    are no longer needed, such as SFD's run model once its generator has been copied out)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
         if isinstance(module, BaseTunerLayer):
             module.merge()
             parent_name, _, child = name.rpartition(".")
-            parent = merged.get_submodule(parent_name) if parent_name else merged
+            parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.get_base_layer())
-    return merged
+    return model
 
 
 # ------------------------------------------------------------------------------ diffusers LoRA files

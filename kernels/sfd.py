@@ -24,6 +24,7 @@ from . import _common as C
 from ._common import load_f32
 
 _OMEGA_MIN = 1e-5  # as losses._OMEGA_MIN
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)  # |x| <= FLT_MAX: false for NaN and ±inf
 
 
 @triton.jit
@@ -62,8 +63,10 @@ def _sid_finalize(part_ptr, s_ptr, c_ptr, loss_ptr, B, SPLIT, inv_D, coef_inv_B,
         s_sum = tl.sum(tl.load(part_ptr + idx + 1, mask=ok, other=0.0), 1)
         s = tl.load(s_ptr + rows, mask=rok, other=0.0)
         w = s * a_sum * inv_D
-        # finiteness is tested before the clamp: max(NaN, 1e-5) may return 1e-5 on GPU
-        keep = rok & ((w - w) == 0.0) & ((s_sum - s_sum) == 0.0)
+        # finiteness is tested before the clamp (max(NaN, 1e-5) may return 1e-5 on GPU), by comparison alone:
+        # `w - w == 0` is false for ordinary w on a GPU, where the compiler contracts s·A·(1/D) − w into an fma
+        # that returns the product's rounding error (every row was dropped; the interpreter did not show it)
+        keep = rok & (tl.abs(w) <= _FLT_MAX) & (tl.abs(s_sum) <= _FLT_MAX)
         omega = tl.maximum(tl.where(keep, w, 1.0), omega_min)
         s2 = s * s
         tot += tl.where(keep, s2 * s_sum / omega, 0.0)

@@ -148,7 +148,8 @@ def test_saturated_weights_stay_finite_and_match_fp32_reference():
         if lambd == 0.5:
             assert set(got[2].tolist()) <= {0.0, 2.0} and set(got[3].tolist()) <= {0.0, 2.0}
         else:
-            assert got[3 if lambd == 0.0 else 2].max() <= torch.exp(torch.tensor(80.0))
+            # e^80 as the GPU's exp computes it may be an ulp above torch's
+            assert got[3 if lambd == 0.0 else 2].max() <= torch.exp(torch.tensor(80.0)) * (1 + 1e-6)
         # both use the cancellation-free closed forms in fp32, so they agree to fp32 accuracy even at σ ≈ 0.01
         close(got[0], ref[0], VALUE_RTOL)
         close(got[1], ref[1], VALUE_RTOL)

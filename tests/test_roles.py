@@ -109,6 +109,27 @@ def test_copies_evaluate_like_separate_models(tiny):
         torch.testing.assert_close(roles.eps("generator", x, t, c), run.denoiser(x, t, c), rtol=0, atol=0)
 
 
+def test_the_last_plain_module_merges_into_the_base_itself(tiny):
+    """With LoRA the roles end as standalone models: the first as a merged copy, the last merged into the run's
+    own base (no third full model at the end of an SFD run); each evaluates as its role did."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    run = _run(tiny, lora_rank=2)
+    roles = _sfd_roles(run)
+    x, t, c = _inputs()
+    _perturb(_lora_b(run, "fake_score"), seed=1)
+    _perturb(_lora_b(run, "default"), seed=2)
+    with torch.no_grad():
+        want_gen, want_fake = roles.eps("generator", x, t, c), roles.eps("fake_score", x, t, c)
+        gen = roles.plain_module("generator")
+        fake = roles.plain_module("fake_score", last=True)
+        assert gen is not run.model and fake is run.model
+        assert not any(isinstance(m, BaseTunerLayer) for m in list(gen.modules()) + list(fake.modules()))
+        torch.testing.assert_close(Denoiser(gen)(x, t, c), want_gen, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(Denoiser(fake)(x, t, c), want_fake, rtol=1e-5, atol=1e-6)
+    assert not {p.data_ptr() for p in gen.parameters()} & {p.data_ptr() for p in fake.parameters()}
+
+
 @pytest.mark.parametrize("lora_rank", [None, 2])
 def test_only_the_declared_roles_train(tiny, lora_rank):
     run = _run(tiny, lora_rank=lora_rank)

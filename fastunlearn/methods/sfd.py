@@ -78,7 +78,7 @@ from typing import Optional, Union
 import torch
 
 from .. import ops
-from ..conditioning import slice_cond, take_cond
+from ..conditioning import cond_to, slice_cond, take_cond
 from ..errors import bad_type, bad_value
 from ..lora import adapter_payload, base_reference
 from ..losses import sum_dims
@@ -262,8 +262,8 @@ class SFD(Method):
             raise bad_type("override", "an anchor prompt (str) for a text model", override)
         anchor = override if override is not None else (forget.anchor or "")
         prompts = [forget.prompt, anchor] + remain
-        with torch.no_grad():
-            self.table = run.encode_prompts(prompts)
+        with torch.no_grad():  # on the run's device once: the encoders return host tensors (and move off after set-up)
+            self.table = cond_to(run.encode_prompts(prompts), run.device)
         self.forget_ids, self.override_ids = torch.tensor([0]), torch.tensor([1])
         self.remain_ids = torch.arange(2, len(prompts))
 
@@ -409,7 +409,7 @@ class SFD(Method):
             result.lora_roles = {role: adapter_payload(model, roles.adapter(role)) for role in roles.trained}
             result.lora_roles["base"] = base_reference(model)
         result.generator = roles.plain_module("generator").eval()
-        result.model = roles.plain_module("fake_score").eval()
+        result.model = roles.plain_module("fake_score", last=True).eval()
         result.extras.update(t_init=self.opts["t_init"], gamma_init=self.gamma_init, sigma_init=self.sigma_init)
 
     @staticmethod
