@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 LOCK := requirements/lock.txt
 # The CPU build on this project's machines; on a GPU machine install the CUDA build of your choice first.
 TORCH := torch==2.13.0
-PYTEST_ARGS := tests benchmarks --benchmark-disable -m "not compile and not gpu"
+PYTEST_ARGS := tests benchmarks --benchmark-disable -m "not compile and not gpu" --durations=30
 FAST_ARGS := tests -m "not slow and not compile and not gpu"
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
