@@ -171,12 +171,14 @@ def run_methods(model: str, dry: bool, steps: int, deadline: float) -> list:
     cmd = [sys.executable, __file__, "--child", model, "--steps", str(steps), "--methods", ",".join(methods)] + (
         ["--dry"] if dry else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    why = "child exited with {rc}"
     try:
         out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-        err = "stopped at the time budget\n" + (err or "")
+        why = "stopped at the time budget"
+    why = why.format(rc=proc.returncode)
     sys.stderr.write(err or "")  # the child's log (tracebacks of failed methods) into this one's
     rows = {}
     for line in out.splitlines():
@@ -185,7 +187,8 @@ def run_methods(model: str, dry: bool, steps: int, deadline: float) -> list:
             rows[r["method"]] = r
     for m in methods:
         if m not in rows:
-            rows[m] = {"model": model, "method": m, "error": "not run: " + (err or "child exited")[-300:].strip()}
+            rows[m] = {"model": model, "method": m,
+                       "error": f"not run: {why}; its log ends: " + (err or "")[-300:].strip()}
     return [rows[m] for m in methods]
 
 

@@ -1,5 +1,5 @@
 """benchmarks/gpu_check.py keeps working without a GPU: its --dry mode (toy pipelines of the SD 1.5 and SDXL
-layouts, CPU) runs the kernel timing, two methods on both models and their plans, and writes the report."""
+layouts, CPU) runs the kernel timing, one method on both models and their plans, and writes the report."""
 import json
 import os
 import subprocess
@@ -12,21 +12,21 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_check_dry_runs_and_reports(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FASTUNLEARN_CACHE_DIR": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry", "--out", str(tmp_path),
-                           "--methods", "naive,erasediff", "--steps", "2", "--budget", "240"],
-                          capture_output=True, text=True, env=env, timeout=300)
+                           "--methods", "naive", "--steps", "2", "--budget", "400"],
+                          capture_output=True, text=True, env=env, timeout=480)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads((tmp_path / "gpu_check.json").read_text())
     assert doc["mode"] == "dry"
     assert {k["kernel"] for k in doc["kernels"]} == {"siss", "sfd", "esd", "pair_stats"}
     assert all("error" not in k and k["eager_ms"] > 0 for k in doc["kernels"])
     rows = {(r["model"], r["method"]): r for r in doc["methods"]}
-    assert set(rows) == {(m, meth) for m in ("sd15", "sdxl") for meth in ("naive", "erasediff")}
+    assert set(rows) == {(m, "naive") for m in ("sd15", "sdxl")}
     for r in rows.values():
         assert "error" not in r, r
         assert r["seconds_per_step"] > 0 and r["only_adapters_trained"]
         assert r["planned_peak_gib"] >= r["planned_peak_encoders_off_gib"] > 0
     md = (tmp_path / "gpu_check.md").read_text()
-    assert "| sdxl | erasediff |" in md and "| siss |" in md
+    assert "| sdxl | naive |" in md and "| siss |" in md
 
 
 def test_gpu_check_rejects_an_unknown_method(tmp_path):
