@@ -55,6 +55,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from ..errors import bad_value
+from ..generation import caching
 from ..methods import get_method
 from ..models import Denoiser
 from ..config import RunConfig
@@ -193,7 +194,7 @@ def _trace(spec, *, method, resolution, rows, batches, lora_rank, precision, gra
         # mode, not in a copy of it (every op would convert them again).
         mode.__deepcopy__ = lambda memo: mode
     host = HostValues() if fake else contextlib.nullcontext()
-    with mode, warnings.catch_warnings(), peft_in_place():
+    with mode, warnings.catch_warnings(), peft_in_place(), caching(False):  # the trace does the real work
         warnings.simplefilter("ignore")  # deep copies of fake tensors and peft's second adapter warn
         unet = build_unet(spec)  # the input model: not counted (erase() trains a copy of it)
         if unet_kind(spec) == "text":
