@@ -205,6 +205,16 @@ def test_pool_is_shown_counted_and_cached_across_runs(tiny, monkeypatch, tmp_pat
     assert [h["loss"] for h in third.history] == [h["loss"] for h in first.history]
 
 
+def test_the_cache_option_does_not_block_a_resume(tiny, tmp_path, one_thread):
+    """cache_generated changes no number (a hit is bit for bit), so a run resumes with it changed."""
+    unet, sched = tiny
+    kw = dict(forget=fu.Classes([3]), method="esd", scheduler=sched, batch_size=2, ddim_steps=3,
+              output_dir=tmp_path / "run", checkpoint_every=1, progress=False)
+    fu.erase(unet, steps=1, **kw)
+    res = fu.erase(unet, steps=2, resume=True, cache_generated=False, **kw)
+    assert res.meta["resumed_from_step"] == 1 and len(res.history) == 2
+
+
 def test_pool_size_scales_with_the_model(tiny):
     """4·B trajectories on pixel models, 2·B on latent pipelines (SD / SDXL), whose trajectories cost most."""
     unet, sched = tiny
