@@ -215,12 +215,14 @@ def store_cached(key: str, tensors: Dict[str, torch.Tensor]) -> Optional[Path]:
     return f
 
 
-def cached(run, key_parts: dict, make: Callable[[], Dict[str, torch.Tensor]], *, cache: bool = True):
+def cached(run, key_parts: Callable[[], dict], make: Callable[[], Dict[str, torch.Tensor]], *, cache: bool = True):
     """``(tensors, hit, file)``: ``make()``'s tensors, from the disk cache when a run with the same key
-    stored them (``hit``), else made now and stored (when ``cache`` and the cache folder allow it)."""
+    stored them (``hit``), else made now and stored (when ``cache`` and the cache folder allow it).
+    ``key_parts()`` (or a dict) gives what the caller's key depends on; it is only called when the cache is on
+    (fake tensors of the planner cannot be hashed)."""
     if not _enabled(run, cache):
         return make(), False, None
-    key = cache_key(run, **key_parts)
+    key = cache_key(run, **(key_parts() if callable(key_parts) else key_parts))
     got = load_cached(key)
     if got is not None:
         return got, True, str(cache_dir("generated") / f"{key}.safetensors")
@@ -320,8 +322,9 @@ def generate(run, eps_fn, cond, seed: int, num_steps: int = 50, guidance: Option
                 out.append(states[-1].float().cpu())
         return {"samples": torch.cat(out)}
 
-    key = dict(kind="samples", cond=tensor_digest(cond), null=tensor_digest(null) if uses_guidance(guidance) else None,
-               seed=int(seed), rows=n, steps=steps, guidance=record["guidance"], chunk=int(chunk))
+    key = lambda: dict(kind="samples", cond=tensor_digest(cond),  # noqa: E731
+                       null=tensor_digest(null) if uses_guidance(guidance) else None, seed=int(seed), rows=n,
+                       steps=steps, guidance=record["guidance"], chunk=int(chunk))
     tensors, hit, f = cached(run, key, make, cache=cache)
     seconds = time.perf_counter() - t0
     if hit:

@@ -377,8 +377,9 @@ class ESD(Method):
                     parts.append(torch.stack(states))
             return {"states": parts[0] if len(parts) == 1 else torch.cat(parts, dim=1), "timesteps": ts}
 
-        key = dict(kind="esd-pool", c_from=tensor_digest(self.c_from), null=tensor_digest(self.null),
-                   null_desc=self.null_desc, seed=int(seed), rows=P, steps=K, guidance=float(w), chunk=int(chunk))
+        key = lambda: dict(kind="esd-pool", c_from=tensor_digest(self.c_from),  # noqa: E731
+                           null=tensor_digest(self.null), null_desc=self.null_desc, seed=int(seed), rows=P, steps=K,
+                           guidance=float(w), chunk=int(chunk))
         tensors, hit, f = cached(run, key, make, cache=o["cache_generated"])
         seconds = time.perf_counter() - t0
         if hit:

@@ -25,7 +25,8 @@ What the trace feeds the method (erase() would get it from the user):
 Not traced: images a method generates in ``setup`` when the user gives no data (EraseDiff with
 ``fu.Classes`` / ``fu.Concept`` samples ``n_generate`` images with ``generate_steps`` DDIM steps): that is a
 no-grad sampling phase before training whose peak is one no-grad forward of ``chunk`` rows, not a training
-step's. Plans are made with data targets, which need none.
+step's. Plans are made with data targets, which need none. The disk cache of generated data
+(``fastunlearn.generation``) is off during a trace, so a trace always does (and counts) the real work.
 
 Speed. Host values (``.item()``, norms as floats, guards) come from ``livebytes.HostValues``; no-grad calls of
 the UNet (ESD's 49 DDIM steps of its trajectory pool, EraseDiff's relabel search) are traced once per signature
