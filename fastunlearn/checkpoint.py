@@ -58,6 +58,8 @@ _NAME = re.compile(r"^step-(\d{8})$")
 # may grow (continue training), and progress/checkpoint frequency/guards do not change the numbers.
 FINGERPRINT_KEYS = ("method", "options", "batch_size", "lr", "seed", "optimizer", "optimizer_hparams",
                     "lora_rank", "precision", "model", "forget", "retain")
+# Method options that do not change the numbers either (a cache hit gives the same tensors bit for bit).
+NEUTRAL_OPTIONS = ("cache_generated",)
 
 
 # ---------------------------------------------------------------------------------------- flattening
@@ -164,7 +166,8 @@ def run_fingerprint(*, method, options, batch_size, lr, seed, optimizer, default
                     forget, forget_data, retain, retain_data) -> dict:
     """What a resumed run must share with the checkpointed one (see ``FINGERPRINT_KEYS``)."""
     return {
-        "method": method, "options": options, "batch_size": batch_size, "lr": lr, "seed": seed,
+        "method": method, "options": {k: v for k, v in options.items() if k not in NEUTRAL_OPTIONS},
+        "batch_size": batch_size, "lr": lr, "seed": seed,
         "optimizer": optimizer, "lora_rank": lora_rank, "precision": precision,
         "optimizer_hparams": [defaults.get(k) for k in ("betas", "weight_decay", "eps")],
         "model": model_digest(model),

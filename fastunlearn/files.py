@@ -4,6 +4,8 @@ renamed into place, so that a reader (or a killed writer) never sees half of it.
 Temporary names are ``.NAME.tmp-PID[SUFFIX]``: hidden, unique per process, and recognisable by the code that
 cleans up after killed writers (``checkpoint``). A suffix keeps the extension that a writer reads the format
 from (``savefig`` and PIL pick PNG from ``.png``).
+
+``cache_dir`` is the one place fastunlearn's caches live (the planner's traces, generated data).
 """
 from __future__ import annotations
 
@@ -12,9 +14,20 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 import torch
+
+
+def cache_dir(name: str) -> Optional[Path]:
+    """fastunlearn's cache folder ``name`` (``plans`` for the planner's traces, ``generated`` for the images and
+    trajectories methods generate): ``$FASTUNLEARN_CACHE_DIR/name``, by default ``~/.cache/fastunlearn/name``
+    (``$XDG_CACHE_HOME`` respected); None, no cache at all, with ``FASTUNLEARN_CACHE_DIR=off`` (or 0, none, empty)."""
+    root = os.environ.get("FASTUNLEARN_CACHE_DIR")
+    if root is not None and root.strip().lower() in ("", "0", "off", "none"):
+        return None
+    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastunlearn"
+    return base / name
 
 
 def temp_name(path: Path, suffix: str = "") -> Path:

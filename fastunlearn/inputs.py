@@ -148,7 +148,8 @@ def default_resolution(pipe) -> int:
 def latent_extras(pipe) -> dict:
     """What SD and SDXL share: the VAE's scale factor and, with a VAE, the pixel encoder and the pipeline
     that ``Result.sample`` draws through."""
-    extras = {"vae_scale_factor": pipelines.vae_scale_factor(pipe)}
+    extras = {"vae_scale_factor": pipelines.vae_scale_factor(pipe),
+              "pipeline_guidance": pipelines.default_guidance(pipe)}
     if getattr(pipe, "vae", None) is not None:
         extras.update(encode_images=pipelines.image_encoder(pipe.vae), pipeline=pipe)
     return extras

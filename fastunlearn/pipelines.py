@@ -21,10 +21,12 @@ VAE, ``DataPoints`` pixel images are encoded once through its own VAE (``extras[
 ``(z - shift_factor) * scaling_factor`` as the diffusers training scripts do, shown in a progress bar) and
 latents given with ``DataPoints.from_latents`` are used as they are. ``extras["pipeline"]`` keeps the
 pipeline itself: ``Result.sample`` draws through it (its scheduler, guidance and VAE decoder).
+``extras["pipeline_guidance"]`` is the guidance scale its ``__call__`` uses by default (``default_guidance``):
+methods that generate images from a text pipeline guide them as the pipeline would.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -161,6 +163,19 @@ def image_encoder(the_vae, batch_size: int = 8) -> Callable:
         return z
 
     return encode
+
+
+def default_guidance(pipe) -> Optional[float]:
+    """The classifier-free guidance scale the pipeline's ``__call__`` uses by default (7.5 for Stable Diffusion,
+    5.0 for SDXL), or None when it has none."""
+    import inspect
+
+    try:
+        p = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
+    except (TypeError, ValueError):
+        return None
+    d = getattr(p, "default", None)
+    return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else None
 
 
 def vae_scale_factor(pipe) -> int:

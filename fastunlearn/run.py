@@ -27,7 +27,8 @@ class Run:
 
     def __init__(self, model: torch.nn.Module, scheduler, *, forget, retain, forget_target, retain_target,
                  batch_size: int, seed: int, lora_rank: Optional[int] = None, lora_alpha: Optional[float] = None,
-                 lora_targets=None, trainable=None, encode_prompts=None, device=None):
+                 lora_targets=None, trainable=None, encode_prompts=None, device=None, progress: bool = False,
+                 latent: bool = False, sdxl: bool = False, pipeline_guidance: Optional[float] = None):
         self.original = model
         self.model = copy.deepcopy(model)  # the user's model is never modified
         if device is not None:  # the user's model was moved off the accelerator first (runtime.InputOffload)
@@ -40,6 +41,10 @@ class Run:
         self.retain_target = retain_target
         self.encode_prompts = encode_prompts
         self.lora_rank = lora_rank
+        self.progress = progress  # show the progress of what a method generates (erase(progress=...))
+        # What methods size their generated data by: a latent pipeline (a VAE: SD / SDXL) or pixel space, SDXL,
+        # and the guidance scale the pipeline's __call__ uses by default (None for a bare UNet).
+        self.latent, self.sdxl, self.pipeline_guidance = bool(latent), bool(sdxl), pipeline_guidance
         p = next(self.model.parameters())
         self.device, self.dtype = p.device, p.dtype
         ac = scheduler.alphas_cumprod.double()

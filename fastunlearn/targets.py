@@ -1,6 +1,7 @@
 """What to forget and what to keep: ``Classes``, ``Concept``, ``DataPoints``."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -21,9 +22,20 @@ def _is_pil(x) -> bool:
     return isinstance(x, Image.Image)
 
 
-def _is_hf_dataset(x) -> bool:
-    """A Hugging Face ``datasets.Dataset`` (checked by its class, so ``datasets`` stays optional)."""
-    return any(c.__module__.startswith("datasets") and c.__name__ == "Dataset" for c in type(x).__mro__)
+def _is_dataset(x) -> bool:
+    """An image dataset with rows, duck-typed so that ``datasets`` stays optional: a Hugging Face
+    ``datasets.Dataset`` (it has ``with_format``), or any object with ``__len__`` and ``__getitem__`` whose rows
+    are mappings (``{"image": PIL image, "text": ..., "label": ...}``), a list of such dicts included."""
+    if isinstance(x, (str, bytes, Path, torch.Tensor, Mapping)) or _is_pil(x):
+        return False
+    if hasattr(x, "with_format") and hasattr(x, "__len__") and hasattr(x, "__getitem__"):
+        return True
+    if not (hasattr(x, "__len__") and hasattr(x, "__getitem__")):
+        return False
+    try:
+        return len(x) > 0 and isinstance(x[0], Mapping)
+    except Exception:  # noqa: BLE001 - e.g. an array whose [0] is not a row: not a dataset
+        return False
 
 
 def _pil_to_tensor(images, what: str) -> torch.Tensor:
@@ -114,18 +126,91 @@ def _load_image_folder(folder: Path):
     return _pil_to_tensor(images, "images"), prompts, labels
 
 
-def _from_hf_dataset(ds):
-    """(images, captions or None, labels or None) of a ``datasets`` image dataset: the first ``Image``
-    column, the ``text``/``caption``/``prompt`` column and the ``label`` column when there are ones."""
-    from datasets import Image as ImageFeature
+_IMAGE_KEYS = ("image", "img", "images", "pixel_values")  # the usual names of a dataset's image column
+_LABEL_KEYS = ("label", "labels")
 
-    cols = [c for c, f in ds.features.items() if isinstance(f, ImageFeature)]
-    if not cols:
-        raise bad_value("images", "a datasets.Dataset with an Image column", list(ds.features))
-    images = list(ds[cols[0]])
-    key = next((k for k in _CAPTION_KEYS if k in ds.column_names), None)
-    prompts = [str(p) for p in ds[key]] if key is not None else None
-    labels = torch.as_tensor(ds["label"]) if "label" in ds.column_names else None
+
+def _image_like(v) -> bool:
+    import numpy as np
+
+    return (_is_pil(v) or (isinstance(v, Mapping) and ("bytes" in v or "path" in v))
+            or (isinstance(v, np.ndarray) and v.ndim in (2, 3)))
+
+
+def _image_column(ds, first: Mapping) -> str:
+    """The image column: the first ``Image`` feature of a Hugging Face dataset (by its class name, so without
+    importing ``datasets``), else a usual name (``image``, ``img``, ...), else the first column holding images."""
+    features = getattr(ds, "features", None)
+    if isinstance(features, Mapping):
+        for name, f in features.items():
+            if type(f).__name__ == "Image":
+                return name
+    for name in _IMAGE_KEYS:
+        if name in first:
+            return name
+    for name, v in first.items():
+        if _image_like(v):
+            return name
+    raise bad_value("images", "a dataset whose rows hold an image column (PIL images; e.g. 'image')",
+                    f"columns {list(first)}")
+
+
+def _as_pil(v, row: int, col: str):
+    """One cell of the image column as a PIL image: PIL as it is, ``datasets``' undecoded ``{"bytes", "path"}``
+    dict opened, a uint8 array [H, W] or [H, W, C] converted."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    if _is_pil(v):
+        return v
+    if isinstance(v, Mapping) and (v.get("bytes") is not None or v.get("path")):
+        try:
+            with Image.open(io.BytesIO(v["bytes"]) if v.get("bytes") is not None else v["path"]) as im:
+                im.load()
+                return im
+        except OSError as e:
+            raise bad_value("images", "readable images in the dataset", f"row {row} ({e})") from None
+    if isinstance(v, np.ndarray) and v.dtype == np.uint8 and (v.ndim == 2 or (v.ndim == 3 and v.shape[2] in (1, 3, 4))):
+        return Image.fromarray(v[..., 0] if v.ndim == 3 and v.shape[2] == 1 else v)
+    raise bad_value("images", f"PIL images in column {col!r} (a datasets.Dataset is read with with_format(None); "
+                    "give tensors as a float tensor [N, C, H, W] instead)", f"{type(v).__name__} in row {row}")
+
+
+def _from_dataset(ds):
+    """(images, captions or None, labels or None) of an image dataset (``_is_dataset``): its image column
+    (``_image_column``), the ``text``/``caption``/``prompt`` column and the ``label`` column when there are ones.
+    A Hugging Face dataset is read as Python objects (``with_format(None)``: PIL images whatever format was set),
+    column by column; other datasets row by row."""
+    if hasattr(ds, "with_format"):
+        ds = ds.with_format(None)
+    n = len(ds)
+    if n == 0:
+        raise bad_value("images", "a dataset with at least one row", "an empty one")
+    first = ds[0]
+    if not isinstance(first, Mapping):
+        raise bad_value("images", "a dataset whose rows are dicts of columns", type(first).__name__)
+    col = _image_column(ds, first)
+    caption = next((k for k in _CAPTION_KEYS if k in first), None)
+    label = next((k for k in _LABEL_KEYS if k in first), None)
+    if hasattr(ds, "column_names"):  # columnar (datasets): one read per column
+        columns = {k: list(ds[k]) for k in (col, caption, label) if k is not None}
+    else:
+        rows = [first] + [ds[i] for i in range(1, n)]
+        missing = [i for i, r in enumerate(rows) if not isinstance(r, Mapping) or col not in r]
+        if missing:
+            raise bad_value("images", f"an {col!r} column in every row", f"none in row {missing[0]}")
+        columns = {k: [r.get(k) for r in rows] for k in (col, caption, label) if k is not None}
+    images = [_as_pil(v, i, col) for i, v in enumerate(columns[col])]
+    prompts = [str(p) for p in columns[caption]] if caption is not None else None
+    labels = None
+    if label is not None:
+        try:
+            labels = torch.as_tensor([int(v) for v in columns[label]], dtype=torch.long)
+        except (TypeError, ValueError):
+            raise bad_value("labels", f"integer class ids in the dataset's {label!r} column",
+                            columns[label][:3]) from None
     return _pil_to_tensor(images, "images"), prompts, labels
 
 
@@ -137,8 +222,11 @@ class DataPoints:
 
     * a float tensor [N, C, H, W] of pixels in [-1, 1] (or in [0, 1] / [0, 255] with ``normalize=True``);
     * PIL images (a list, or one image), a folder of image files (sorted by name; captions from a
-      ``metadata.jsonl`` as ``datasets``' imagefolder writes it), or a Hugging Face ``datasets`` image
-      dataset (its ``Image`` column, captions from ``text``/``caption``/``prompt``); all mapped to [-1, 1];
+      ``metadata.jsonl`` as ``datasets``' imagefolder writes it), or an image dataset: a Hugging Face
+      ``datasets.Dataset`` or any object (a list included) whose rows ``ds[i]`` are dicts with an image column
+      (its ``Image`` feature, else ``image``/``img``/...: PIL images, ``datasets``' undecoded ``{"bytes",
+      "path"}`` dicts or uint8 arrays), captions from ``text``/``caption``/``prompt`` and class ids from
+      ``label`` when present (``datasets`` itself is not needed); all mapped to [-1, 1];
     * latents in the model's own sample space, with ``latents=True`` or ``DataPoints.from_latents(...)``:
       e.g. Stable Diffusion latents already multiplied by ``vae.config.scaling_factor``; no range check.
 
@@ -174,11 +262,11 @@ class DataPoints:
             self.images = _pil_to_tensor([source], "images")
         elif isinstance(source, (list, tuple)) and source and all(_is_pil(im) for im in source):
             self.images = _pil_to_tensor(list(source), "images")
-        elif _is_hf_dataset(source):
-            self.images, found_prompts, found_labels = _from_hf_dataset(source)
+        elif _is_dataset(source):
+            self.images, found_prompts, found_labels = _from_dataset(source)
         elif not isinstance(source, torch.Tensor):
-            raise bad_type("images", "a float tensor [N, C, H, W], PIL images, a folder path or a datasets "
-                           "image dataset", source)
+            raise bad_type("images", "a float tensor [N, C, H, W], PIL images, a folder path or an image dataset "
+                           "(a datasets.Dataset, or rows ds[i] that are dicts with an image column)", source)
         decoded = not isinstance(source, torch.Tensor)
         if decoded:
             if self.latents:

@@ -183,7 +183,9 @@ class Trainer:
         run = Run(self.inputs.denoiser, self.inputs.scheduler, forget=forget_data, retain=retain_data,
                   forget_target=forget, retain_target=self.retain, batch_size=cfg.batch_size, seed=cfg.seed,
                   lora_rank=cfg.lora_rank, encode_prompts=extras.get("encode_prompts"),
-                  trainable=getattr(self.cls, "trainable_filter", lambda opts: None)(self.options), device=device)
+                  trainable=getattr(self.cls, "trainable_filter", lambda opts: None)(self.options), device=device,
+                  progress=cfg.progress and distributed.rank() == 0, latent=extras.get("encode_images") is not None,
+                  sdxl=bool(extras.get("sdxl")), pipeline_guidance=extras.get("pipeline_guidance"))
         run.resolution = cfg.resolution
         if cfg.resolution is not None:  # the working size: what data-free methods and Result.sample draw at
             run.model.register_to_config(sample_size=cfg.resolution // extras["vae_scale_factor"])

@@ -24,6 +24,15 @@ def digits_rates_before():
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny networks: intra-op threads only add synchronisation (10x slower on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def make_tiny_unet():
     """The tiny UNet builder (``helpers.models.tiny_unet``) as a fixture."""
     return tiny_unet
@@ -72,3 +81,9 @@ def tiny_pipelines():
     """Builders of the tiny random-weight SD (with VAE) and SDXL pipelines: {"sd": fn, "sdxl": fn}; the same
     seed gives the same weights, as from_pretrained of one folder would."""
     return {"sd": tiny_sd, "sdxl": tiny_xl}
+
+
+# Generated data (fastunlearn.generation) is not cached on disk in the tests unless a test asks for it
+# (monkeypatch.setenv("FASTUNLEARN_CACHE_DIR", ...)): counts of UNet evaluations and timings stay those of a
+# first run, and nothing is written to the home folder.
+os.environ["FASTUNLEARN_CACHE_DIR"] = "off"

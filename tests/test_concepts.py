@@ -9,7 +9,7 @@ import torch
 import fastunlearn as fu
 from fastunlearn.api import default_method
 from fastunlearn.errors import InvalidArgumentError
-from fastunlearn.methods.esd import ddim_states
+from fastunlearn.generation import ddim_states
 from fastunlearn.text import tiny_text_pipeline
 
 CONCEPT, ANCHOR = "a photo of a cat", "a photo of a dog"
@@ -131,5 +131,7 @@ def test_erasediff_maps_the_concept_onto_its_anchor(erasediff_runs):
     assert r["res"].extras["forget_target"] == "relabel"
     gap_before, gap_after, gap_control = _gap(r["base"], r), _gap(r["res"].model, r), _gap(r["control"].model, r)
     print(f"gap to the anchor: base {gap_before:.3g}, retain-only control {gap_control:.3g}, erasediff {gap_after:.3g}")
-    assert gap_after < 0.5 * gap_before, (gap_before, gap_after)  # measured: 0.30x (the control alone: 0.44x)
-    assert gap_after < 0.85 * gap_control, (gap_control, gap_after)  # the forget term's own doing (0.68x)
+    # measured with the generated images guided at the pipeline's 7.5: 0.29x (the control alone: 0.39x); unguided
+    # (the earlier default) 0.30x and 0.44x
+    assert gap_after < 0.5 * gap_before, (gap_before, gap_after)
+    assert gap_after < 0.85 * gap_control, (gap_control, gap_after)  # the forget term's own doing (0.75x; 0.68x)

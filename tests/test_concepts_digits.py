@@ -69,8 +69,9 @@ def erasediff_report(pipe):
 
 
 def test_erasediff_erases_the_concept_and_keeps_the_other_prompts(erasediff_report, base_rates):
-    """With the retain term the other digits stay (measured: 94% -> 0%, others keep 99.6%, worst 95.7%; the
-    other prompts move 0.09x as much as the concept)."""
+    """With the retain term the other digits stay (measured with the forget images guided at the pipeline's 7.5:
+    94% -> 2%, others keep 99.8%, worst 97.9%; the other prompts move 0.10x as much as the concept. Unguided, the
+    earlier default: 0%, 99.6%, 95.7%, 0.09x)."""
     forget, kept, shift = _erased(erasediff_report, base_rates)
     assert forget <= 0.05 and kept >= 0.95 and shift < 0.2, (forget, kept, shift,
                                                              erasediff_report["after"]["recognition"])

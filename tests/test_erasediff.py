@@ -256,6 +256,12 @@ def test_unconditional_model_needs_the_uniform_target(make_tiny_unet, digits_spl
     (dict(relabel="sample"), "relabel"),
     (dict(antithetic_t="yes"), "antithetic_t"),
     (dict(n_generate=0), "n_generate"),
+    (dict(n_generate=10**6), "n_generate"),
+    (dict(n_generate=2.5), "n_generate"),
+    (dict(generate_steps=0), "generate_steps"),
+    (dict(generate_steps=5000), "generate_steps"),  # more DDIM steps than the scheduler's 1000 timesteps
+    (dict(generate_guidance=-1.0), "generate_guidance"),
+    (dict(cache_generated="yes"), "cache_generated"),
     (dict(ema=1.5), "ema"),
     (dict(lamda=0.1), "lamda"),
 ])
@@ -263,7 +269,101 @@ def test_bad_options_name_the_option(tiny, digits_split, opts, name):
     forget, retain = digits_split
     unet, sched = tiny
     with pytest.raises((InvalidArgumentError, TypeError), match=f"^{name}"):
-        fu.erase(unet, forget=forget, retain=retain, method="erasediff", scheduler=sched, progress=False, **opts)
+        fu.erase(unet, forget=fu.Classes([3]), retain=retain, method="erasediff", scheduler=sched, progress=False,
+                 **opts)
+
+
+def test_option_limits_say_what_is_allowed(tiny, digits_split):
+    _, retain = digits_split
+    unet, sched = tiny
+    with pytest.raises(InvalidArgumentError, match=r"^n_generate: expected an int in \[1, 65536\] or None"):
+        fu.erase(unet, forget=fu.Classes([3]), retain=retain, scheduler=sched, n_generate=70000, progress=False)
+    with pytest.raises(InvalidArgumentError, match=r"^generate_steps: expected an int in \[1, 1000\]"):
+        fu.erase(unet, forget=fu.Classes([3]), retain=retain, scheduler=sched, generate_steps=1001, progress=False)
+
+
+# ------------------------------------------------------------------------------ generated data
+CAT, DOG = "a photo of a cat", "a photo of a dog"
+
+
+def _concept_run(pipe, **kw):
+    return fu.erase(pipe, forget=fu.Concept(CAT, anchor=DOG), retain=["a red car", "a tree"], method="erasediff",
+                    steps=2, batch_size=2, **{"n_generate": 4, "generate_steps": 2, **kw})
+
+
+def test_concept_generation_is_shown_counted_and_guided(capsys, one_thread):
+    """The images EraseDiff generates for a Concept show in the progress display (what, how many, steps,
+    guidance, UNet evaluations), guided by the pipeline's own default scale; progress=False shows nothing."""
+    from fastunlearn.text import tiny_text_pipeline
+
+    pipe = tiny_text_pipeline(seed=0)
+    capsys.readouterr()
+    res = _concept_run(pipe, progress=True)
+    err = capsys.readouterr().err
+    # 4 images x 2 DDIM steps x 2 (the conditional and the empty prompt's branch of guidance)
+    assert "generating 4 forget images: 2 DDIM steps, guidance 7.5, 16 UNet evaluations" in err, err
+    assert "generating 4 retain images: 2 DDIM steps, guidance 7.5, 16 UNet evaluations" in err, err
+    gen = res.extras["generated"]
+    assert set(gen) == {"forget", "retain"}
+    assert gen["forget"]["rows"] == 4 and gen["forget"]["steps"] == 2 and gen["forget"]["guidance"] == 7.5
+    assert gen["forget"]["unet_evals"] == 16 and gen["forget"]["cached"] is False
+    res = _concept_run(pipe, progress=False, generate_guidance=1.0)  # w = 1: plain conditional sampling
+    assert capsys.readouterr().err == ""
+    assert res.extras["generated"]["forget"]["guidance"] is None
+    assert res.extras["generated"]["forget"]["unet_evals"] == 8
+
+
+def test_generated_images_are_cached_and_reused_across_runs(monkeypatch, tmp_path, capsys, one_thread):
+    """A second run with the same model, prompts, seed and sizes takes the images from the disk cache: no
+    generation call, the same weights and history; another seed or guidance generates again."""
+    from fastunlearn import generation
+    from fastunlearn.text import tiny_text_pipeline
+
+    monkeypatch.setenv("FASTUNLEARN_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+    real = generation.ddim_states
+    monkeypatch.setattr(generation, "ddim_states", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pipe = tiny_text_pipeline(seed=0)
+    first = _concept_run(pipe, progress=False)
+    assert calls and not first.extras["generated"]["forget"]["cached"]
+    files = sorted((tmp_path / "cache" / "generated").iterdir())
+    assert len(files) == 2 and all(f.suffix == ".safetensors" and not f.name.startswith(".") for f in files)
+    calls.clear()
+    second = _concept_run(pipe, progress=True)
+    assert calls == []  # nothing generated: no UNet call before training
+    assert all(r["cached"] and r["unet_evals"] == 0 for r in second.extras["generated"].values())
+    assert "4 forget images from the cache" in capsys.readouterr().err
+    assert [h["loss"] for h in first.history] == [h["loss"] for h in second.history]
+    for (k, a), b in zip(first.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    _concept_run(pipe, progress=False, seed=1)
+    _concept_run(pipe, progress=False, generate_guidance=3.0)
+    assert len(list((tmp_path / "cache" / "generated").iterdir())) == 6  # each a new key
+    calls.clear()
+    _concept_run(pipe, progress=False, cache_generated=False)  # the option: generate, neither read nor write
+    assert calls and len(list((tmp_path / "cache" / "generated").iterdir())) == 6
+
+
+def test_generated_data_defaults_scale_with_the_model(tiny):
+    """Fewer images and steps on text-to-image pipelines than on the small class models; guidance as the
+    pipeline's own default on text models, none on class models."""
+    from fastunlearn.text import tiny_text_pipeline
+
+    def sizes(run, **opts):
+        m = get_method("erasediff")(run, **opts)
+        m.kind = run.denoiser.kind
+        m._size_generation()
+        return m.n_generate, m.generate_steps, m.generate_guidance
+
+    unet, sched = tiny
+    plain = dict(forget=None, retain=None, forget_target=fu.Classes([3]), retain_target=None, batch_size=2, seed=0)
+    assert sizes(Run(unet, sched, **plain)) == (256, 50, None)
+    text = tiny_text_pipeline(seed=0)
+    assert sizes(Run(text.unet, text.scheduler, latent=True, pipeline_guidance=7.5, **plain)) == (64, 25, 7.5)
+    assert sizes(Run(text.unet, text.scheduler, latent=True, sdxl=True, pipeline_guidance=5.0, **plain)) == \
+        (32, 25, 5.0)
+    assert sizes(Run(text.unet, text.scheduler, pipeline_guidance=7.5, **plain), n_generate=8, generate_steps=3,
+                 generate_guidance=2.0) == (8, 3, 2.0)
 
 
 def test_missing_retain_is_a_clear_error(tiny, digits_split):

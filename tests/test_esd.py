@@ -10,7 +10,7 @@ import fastunlearn as fu
 from fastunlearn import ops
 from fastunlearn.errors import InvalidArgumentError
 from fastunlearn.methods import get_method
-from fastunlearn.methods.esd import ddim_states
+from fastunlearn.generation import ddim_states
 from fastunlearn.roles import Roles
 from fastunlearn.run import Run, step_generator
 
@@ -179,11 +179,59 @@ def test_the_class_mean_step_matches_the_formula(make_tiny_unet):
     assert got.item() == pytest.approx(loss.item(), rel=1e-4)
 
 
+def test_pool_is_shown_counted_and_cached_across_runs(tiny, monkeypatch, tmp_path, capsys, one_thread):
+    """Each pool shows in the progress display (trajectories, DDIM steps, guidance, UNet evaluations) and is
+    cached on disk: a second run takes both pools from the cache (no sampling row) and ends identical."""
+    unet, sched = tiny
+    monkeypatch.setenv("FASTUNLEARN_CACHE_DIR", str(tmp_path / "cache"))
+    kw = dict(forget=fu.Classes([3]), method="esd", scheduler=sched, steps=3, batch_size=2, ddim_steps=4,
+              pool_refresh=2)
+    capsys.readouterr()
+    first = fu.erase(unet, progress=True, **kw)
+    # 4·B = 8 trajectories × 3 DDIM steps × (c, ∅), at steps 0 and 2
+    assert "generating 8 trajectories for ESD's pool: 3 DDIM steps, guidance 3, 48 UNet evaluations" in \
+        capsys.readouterr().err
+    pools = first.extras["generated"]["pool"]
+    assert [(p["rows"], p["unet_evals"], p["cached"]) for p in pools] == [(8, 48, False)] * 2
+    assert first.extras["unet_evals"]["sampling_rows"] == 96
+    second = fu.erase(unet, progress=False, **kw)
+    assert second.extras["unet_evals"]["sampling_rows"] == 0
+    assert [(p["unet_evals"], p["cached"]) for p in second.extras["generated"]["pool"]] == [(0, True)] * 2
+    assert [h["loss"] for h in first.history] == [h["loss"] for h in second.history]
+    for (k, a), b in zip(first.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    third = fu.erase(unet, progress=False, cache_generated=False, **kw)
+    assert third.extras["unet_evals"]["sampling_rows"] == 96
+    assert [h["loss"] for h in third.history] == [h["loss"] for h in first.history]
+
+
+def test_the_cache_option_does_not_block_a_resume(tiny, tmp_path, one_thread):
+    """cache_generated changes no number (a hit is bit for bit), so a run resumes with it changed."""
+    unet, sched = tiny
+    kw = dict(forget=fu.Classes([3]), method="esd", scheduler=sched, batch_size=2, ddim_steps=3,
+              output_dir=tmp_path / "run", checkpoint_every=1, progress=False)
+    fu.erase(unet, steps=1, **kw)
+    res = fu.erase(unet, steps=2, resume=True, cache_generated=False, **kw)
+    assert res.meta["resumed_from_step"] == 1 and len(res.history) == 2
+
+
+def test_pool_size_scales_with_the_model(tiny):
+    """4·B trajectories on pixel models, 2·B on latent pipelines (SD / SDXL), whose trajectories cost most."""
+    unet, sched = tiny
+    assert get_method("esd")(_run(tiny)).opts["pool_size"] is None
+    assert _method(_run(tiny, B=3)).pool_size == 12
+    run = Run(unet, sched, forget=None, retain=None, forget_target=fu.Classes([3]), retain_target=None,
+              batch_size=3, seed=0, latent=True)
+    assert _method(run).pool_size == 6 and _method(run, pool_size=5).pool_size == 5
+
+
 @pytest.mark.parametrize("opts,name", [
     (dict(params="bogus"), "params"),
     (dict(negative_guidance=-1.0), "negative_guidance"),
     (dict(trajectory_pool="yes"), "trajectory_pool"),
     (dict(pool_size=0), "pool_size"),
+    (dict(pool_size=10**6), "pool_size"),
+    (dict(cache_generated=1), "cache_generated"),
     (dict(ddim_steps=0), "ddim_steps"),
     (dict(erase_from="a cat"), "erase_from"),
     (dict(null_class="median"), "null_class"),

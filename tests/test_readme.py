@@ -17,6 +17,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(r"<!-- readme-test: (\S+) -->\s*```python\n(.*?)```", re.S)
 # README text -> what the test runs instead (tiny models: a step or two)
 SHRINK = {"steps=200)": "steps=1, batch_size=2, ddim_steps=2)", "steps=100)": "steps=1, batch_size=2)",
+          "steps=300)": "steps=1, batch_size=2)", "SIZE = 512": "SIZE = 16",
           "resolution=1024": "resolution=16", "num_inference_steps=30": "num_inference_steps=2"}
 
 
@@ -43,18 +44,42 @@ def test_readme_defaults_table_is_the_librarys():
     assert got == defaults_table(), "README defaults table is stale: run python tests/test_readme.py"
 
 
+def _image_folders(root: Path):
+    """The SISS example's inputs: 3 photos of another size (the example resizes them) and a retain folder of
+    16 x 16 images with captions in a metadata.jsonl, as datasets' imagefolder writes it."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    photos, retain = root / "photos", root / "retain"
+    photos.mkdir()
+    retain.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    rows = []
+    for i, caption in enumerate(["a photo of a cat", "a red car", "a tree", "a photo of a bird"]):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(retain / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
+    (retain / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return photos, retain
+
+
 @pytest.mark.slow
 def test_readme_sd_and_sdxl_examples_run(tmp_path, tiny_pipelines):
     blocks = BLOCK.findall(README.read_text())
     names = [n for n, _ in blocks]
-    assert names == ["sd-erase", "sd-load", "sdxl-erase", "sdxl-load"], names
+    assert names == ["sd-erase", "sd-load", "sd-siss-erase", "sd-siss-load", "sdxl-erase", "sdxl-load"], names
     folders = {}
     for kind in ("sd", "sdxl"):
         folders[kind] = tmp_path / f"{kind}-folder"
         tiny_pipelines[kind]().save_pretrained(folders[kind], safe_serialization=True)
     work = tmp_path / "work"
     (work / "out").mkdir(parents=True)
-    subs = {"path/to/sdxl-folder": str(folders["sdxl"]), "path/to/sd-folder": str(folders["sd"]), **SHRINK}
+    photos, retain = _image_folders(tmp_path)
+    subs = {"path/to/sdxl-folder": str(folders["sdxl"]), "path/to/sd-folder": str(folders["sd"]),
+            "path/to/photos": str(photos), "path/to/retain-folder": str(retain), **SHRINK}
     used = set()
     for name, code in blocks:
         for old, new in subs.items():
@@ -68,8 +93,10 @@ def test_readme_sd_and_sdxl_examples_run(tmp_path, tiny_pipelines):
     assert used == set(subs), f"substitutions that no longer apply: {set(subs) - used}"
     from PIL import Image
 
-    for png in ("harbour.png", "harbour-lora.png", "harbour-xl.png"):
+    for png in ("harbour.png", "harbour-lora.png", "harbour-xl.png", "dog-after.png", "dog.png", "dog-lora.png"):
         assert Image.open(work / "out" / png).size == (16, 16)
+    card = (work / "out" / "sd-siss" / "README.md").read_text()
+    assert "siss" in card and (work / "out" / "sd-siss" / "pytorch_lora_weights.safetensors").exists()
     for res in ("sd-no-van-gogh", "sdxl-no-van-gogh"):
         card = (work / "out" / res / "README.md").read_text()
         assert "Van Gogh" in card and (work / "out" / res / "model_index.json").exists()

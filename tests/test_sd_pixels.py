@@ -138,14 +138,99 @@ def test_pil_folder_and_grayscale_inputs(tmp_path):
 
 
 def test_a_datasets_image_dataset():
+    """A real ``datasets.Dataset`` (skipped where ``datasets`` is not installed; the stand-in below always runs):
+    its Image column, captions and labels; a torch format set by the user and undecoded images change nothing."""
     datasets = pytest.importorskip("datasets")
     rgb, labels = _digits(3)
-    ds = datasets.Dataset.from_dict({"image": rgb, "text": ["a cat"] * 3, "label": labels.tolist()},
-                                    features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
+    ds = datasets.Dataset.from_dict({"photo": rgb, "text": ["a cat"] * 3, "label": labels.tolist()},
+                                    features=datasets.Features({"photo": datasets.Image(), "text": datasets.Value("string"),
                                                                 "label": datasets.Value("int64")}))
-    d = fu.DataPoints(ds)
-    assert torch.equal(d.images, fu.DataPoints(rgb).images)
-    assert d.prompts == ["a cat"] * 3 and d.labels.tolist() == labels.tolist()
+    want = fu.DataPoints(rgb).images
+    for d in (ds, ds.with_format("torch"), ds.cast_column("photo", datasets.Image(decode=False))):
+        d = fu.DataPoints(d)
+        assert torch.equal(d.images, want)
+        assert d.prompts == ["a cat"] * 3 and d.labels.tolist() == labels.tolist()
+
+
+ImageFeature = type("Image", (), {})  # datasets' image feature type is named Image: all that DataPoints looks at
+
+
+class StandInDataset:
+    """A stand-in for ``datasets.Dataset`` with the API DataPoints uses (``features``, ``column_names``,
+    ``len``, ``ds[i]`` -> a row dict, ``ds[column]`` -> a list, ``with_format``): rows are stored as datasets
+    stores images (undecoded ``{"bytes", "path"}``), and decoded to PIL on access in the Python format,
+    while the torch format (set here, as a user might) gives tensors that DataPoints must not take as images."""
+
+    def __init__(self, rows, fmt="torch"):
+        self.rows, self.fmt = rows, fmt
+        self.features = {"picture": ImageFeature(), "caption": "string", "label": "int64"}
+        self.column_names = list(self.features)
+
+    def with_format(self, type=None):
+        return StandInDataset(self.rows, type)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def _cell(self, row, key):
+        import io
+
+        import numpy as np
+        from PIL import Image as PILImage
+
+        v = row[key]
+        if key != "picture":
+            return v
+        im = PILImage.open(io.BytesIO(v["bytes"]))
+        return torch.from_numpy(np.array(im)) if self.fmt == "torch" else im
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return [self._cell(r, key) for r in self.rows]
+        return {k: self._cell(self.rows[key], k) for k in self.column_names}
+
+
+def test_datasets_style_inputs_are_duck_typed():
+    """DataPoints takes a dataset without importing ``datasets``: a stand-in of its API (above), a custom
+    sequence of row dicts holding uint8 arrays, and a plain list of dicts; bad ones get a clear error."""
+    import io
+
+    import numpy as np
+
+    rgb, labels = _digits(3)
+    want = fu.DataPoints(rgb).images
+
+    def png(im):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return {"bytes": buf.getvalue(), "path": None}
+
+    stand_in = StandInDataset([{"picture": png(im), "caption": f"digit {int(c)}", "label": int(c)}
+                               for im, c in zip(rgb, labels)])
+    assert isinstance(stand_in[0]["picture"], torch.Tensor)  # what the user's format gives: not read as images
+    d = fu.DataPoints(stand_in)
+    assert torch.equal(d.images, want) and d.labels.tolist() == labels.tolist()
+    assert d.prompts == [f"digit {int(c)}" for c in labels]
+
+    class Rows:  # only __len__ and __getitem__, images as uint8 arrays under the usual column name
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            if not 0 <= i < 3:
+                raise IndexError(i)
+            return {"image": np.asarray(rgb[i]), "prompt": "a cat"}
+
+    d = fu.DataPoints(Rows())
+    assert torch.equal(d.images, want) and d.prompts == ["a cat"] * 3 and d.labels is None
+    d = fu.DataPoints([{"img": im, "labels": int(c)} for im, c in zip(rgb, labels)], prompts="a dog")
+    assert torch.equal(d.images, want) and d.labels.tolist() == labels.tolist() and d.prompts == ["a dog"] * 3
+    with pytest.raises(InvalidArgumentError, match="^images: .*image column"):
+        fu.DataPoints([{"text": "no image here"}])
+    with pytest.raises(InvalidArgumentError, match="^images: .*PIL images in column 'image'"):
+        fu.DataPoints([{"image": torch.zeros(3, 8, 8)}])
+    with pytest.raises(InvalidArgumentError, match="^labels: .*'label' column"):
+        fu.DataPoints([{"image": rgb[0], "label": "cat"}])
 
 
 # ------------------------------------------------------------------------------------------- pictures out

@@ -395,6 +395,29 @@ def test_erase_is_data_free_and_samples_in_one_network_evaluation(tmp_path, tiny
         torch.testing.assert_close(a, b, msg=n)
 
 
+def test_one_step_samples_of_a_latent_pipeline_are_not_clamped(tiny_pipelines, tmp_path):
+    """x0 = (x_{t*} − σ ε)/γ is clamped to [-1, 1] on pixel models only: SD's scaled VAE latents have unit
+    variance, so the generator's latents go to the VAE decoder as they are (here well past ±1)."""
+    pipe = tiny_pipelines["sd"]()
+    res = fu.erase(pipe, forget=fu.Concept("a photo of a cat", anchor="a photo of a dog"), method="sfd", steps=1,
+                   batch_size=2, progress=False)
+    prompts = ["a photo of a cat", "a photo of a dog", "a red car"]
+    z = res.sample(3, prompts=prompts, seed=5, output_type="latent")
+    ex = res.extras
+    s, g, t = ex["sigma_init"], ex["gamma_init"], ex["t_init"]
+    noise = torch.randn(3, *Denoiser(res.generator).sample_shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        eps = res.generator(s * noise, torch.full((3,), t), **ex["encode_prompts"](prompts)).sample
+    want = (s * noise - s * eps) / g
+    assert want.abs().max() > 1.5  # the clamp would cut these
+    torch.testing.assert_close(z, want, rtol=1e-5, atol=1e-5)
+    assert res.sample(3, prompts=prompts, seed=5, output_type="pt").shape[1] == 3  # decoded through the VAE
+    res.save(tmp_path / "r")  # a loaded result knows it is latent (vae_scale_factor in its extras)
+    torch.testing.assert_close(get_method("sfd").sample_one_step(fu.load(tmp_path / "r"), 3,
+                                                                 ex["encode_prompts"](prompts), seed=5), want,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_erase_with_lora_returns_plain_modules(tiny, tmp_path):
     unet, sched = tiny
     res = fu.erase(unet, forget=fu.Classes([3], override=1), method="sfd", scheduler=sched, steps=1,

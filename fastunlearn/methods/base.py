@@ -133,12 +133,13 @@ def one_of(*choices) -> Callable:
     return lambda name, value: check_choice(name, value, choices)
 
 
-def integer(lo: int = 1, allow_none: bool = False) -> Callable:
+def integer(lo: int = 1, allow_none: bool = False, hi: Optional[int] = None) -> Callable:
     def check(name, value):
         if value is None and allow_none:
             return
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-            raise bad_value(name, f"an int >= {lo}" + (" or None" if allow_none else ""), value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+            expected = f"an int in [{lo}, {hi}]" if hi is not None else f"an int >= {lo}"
+            raise bad_value(name, expected + (" or None" if allow_none else ""), value)
     return check
 
 

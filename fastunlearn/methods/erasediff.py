@@ -52,10 +52,27 @@ shared by the retain and forget rows (the official L_du uses the retain t vector
 
 Data. ``forget`` is ``DataPoints`` (the images to forget, with labels or prompts), ``fu.Classes`` or a
 ``fu.Concept``; for the latter two the forget images are generated from the frozen base with the class
-labels / concept prompt (``n_generate`` of them, DDIM ``generate_steps`` steps, cached for the run) unless
-``Concept.images`` holds some. ``retain`` is ``DataPoints``, a list of prompts, or ``fu.Classes`` (images
-generated likewise). With ``forget=fu.Classes`` the retain rows of the forgotten classes are dropped
-(D_r is "the data minus the forgotten classes", §4.3).
+labels / concept prompt unless ``Concept.images`` holds some. ``retain`` is ``DataPoints``, a list of prompts,
+or ``fu.Classes`` (images generated likewise). With ``forget=fu.Classes`` the retain rows of the forgotten
+classes are dropped (D_r is "the data minus the forgotten classes", §4.3).
+
+Generated data (``fastunlearn.generation``). The official code trains on real images only (§4.2, §4.4; the SD
+scripts' NSFW and Imagenette sets), so generating them is this library's data-free stand-in, sized so that it
+costs little next to training: ``n_generate`` images per side with DDIM ``generate_steps`` steps, 256 × 50 on
+class-conditional and unconditional models (small pixel models), 64 × 25 on text-to-image pipelines and 32 × 25
+on SDXL. The SD scripts draw every batch from the same first 16 images of an unshuffled loader (§4.4 (ii)), so a
+few dozen images of a concept are what the official runs see. On text models the images are guided as the
+pipeline draws them by default (``generate_guidance`` None: the pipeline's ``guidance_scale`` default, 7.5 for SD,
+5.0 for SDXL; 1.0 turns guidance off), which doubles the UNet evaluations: one image costs ``generate_steps`` ×
+2 of them, 50 at SDXL size (1024 px, 128² latents) with the defaults, so 3,200 for both sides. Class models
+generate without guidance (their training data is drawn unguided). The generation shows in the progress
+display (``progress=False`` hides it), is counted in ``Result.extras["generated"]`` (rows, steps, guidance,
+UNet evaluations, seconds, cache hit) and is cached on disk (``cache_generated``, on by default): a later run
+with the same base weights, prompts, seed, counts, steps, guidance and resolution takes the same images from
+``$FASTUNLEARN_CACHE_DIR/generated`` and ends with the same weights. On the tiny SD test pipeline with a VAE
+(``fastunlearn.text``, 2 loaded CPU cores) a Concept with prompt retain generated 256 + 256 images × 50 steps in
+69 s before the first step; the defaults generate 64 + 64 × 25 guided steps in 33 s, and a run with the cache in
+0.3 s.
 
 Parameter subsets: ``params`` as for ESD (§4.4 uses the same switch): ``"full"`` (default, DDPM code),
 ``"esd-u"`` (every parameter outside ``attn2``; the SD scripts' ``noxattn`` also freezes ``out.`` and
@@ -118,9 +135,11 @@ from ..roles import Roles
 from ..surgery import clip_factor, clip_single, dense_grads, pair_stats, write_combination
 from ..targets import Classes, Concept, DataPoints
 from .base import Method, Options, boolean, integer, one_of, option, optional, positive, register
-from .esd import PARAM_SUBSETS, apply_param_subset, encode_prompts, generate
+from ..generation import chunk_rows, generate, uses_guidance
+from .esd import PARAM_SUBSETS, apply_param_subset, encode_prompts
 
 FORGET_TARGETS = ("relabel", "uniform")
+MAX_GENERATE = 65536  # generated images per side: a typo (1e6) would cost days, not a clear error
 LAMBDA_RULES = ("fixed", "adaptive", "bome")
 
 
@@ -155,11 +174,23 @@ class EraseDiffOptions(Options):
                          one_of(*PARAM_SUBSETS))
     max_grad_norm: Optional[float] = option(1.0, "the global gradient clip (1.0 in the DDPM code; None: off)",
                                             optional(positive()))
-    n_generate: int = option(256, "images generated per side for fu.Classes / fu.Concept targets", integer())
-    generate_steps: int = option(50, "DDIM steps of each generated image", integer())
+    n_generate: Optional[int] = option(
+        None, "images generated per side (forget, retain) for fu.Classes / fu.Concept / prompt targets, at most "
+        f"{MAX_GENERATE:,} (None: 256 on class-conditional and unconditional models, 64 on text-to-image pipelines, "
+        "32 on SDXL). Each costs "
+        "generate_steps x (2 with guidance, else 1) UNet evaluations: 50 of the SDXL UNet at 1024 px with the "
+        "defaults", integer(allow_none=True, hi=MAX_GENERATE))
+    generate_steps: Optional[int] = option(
+        None, "DDIM steps of each generated image, at most the scheduler's training timesteps (None: 50 on class-"
+        "conditional and unconditional models, 25 on text-to-image pipelines)", integer(allow_none=True))
     generate_guidance: Optional[float] = option(
-        None, "classifier-free guidance weight of the generated images (None: no guidance)",
+        None, "classifier-free guidance w of the generated images (None: the pipeline's own default on text "
+        "models, 7.5 for SD and 5.0 for SDXL; none on class models). 1.0: no guidance (half the evaluations)",
         optional(positive()))
+    cache_generated: bool = option(
+        True, "keep the generated images on disk ($FASTUNLEARN_CACHE_DIR/generated, fastunlearn.generation) and "
+        "reuse them in a later run with the same weights, prompts, seed, counts, steps, guidance and resolution",
+        boolean)
     ema: Union[None, str, float] = option(
         None, "EMA of the weights: None (off), 'official' (0.99 on pixel models, off on text models) or a decay",
         _check_ema)
@@ -206,14 +237,16 @@ class EraseDiff(Method):
             raise bad_value("forget_target", "'uniform' for an unconditional model ('relabel' maps the forget "
                             "data onto another class or prompt, and this model has none)", "relabel")
         apply_param_subset(run, o["params"])
+        self._size_generation()
         self.teacher = Roles(run).network("teacher") if run.lora_rank is not None else None  # adapters off
         self._data_seed = run.seed * 7919 + 17  # generated data: fixed per run, so a resumed run sees the same
         forget = run.forget_target
         self.forgotten = None  # class ids the relabel target must avoid
         if isinstance(forget, Classes):
             self.forgotten = list(forget.ids)
-            labels = torch.tensor(self.forgotten).repeat_interleave(-(-o["n_generate"] // len(self.forgotten)))
-            run.forget = (self._generate(labels[:o["n_generate"]]), labels[:o["n_generate"]])
+            n = self.n_generate
+            labels = torch.tensor(self.forgotten).repeat_interleave(-(-n // len(self.forgotten)))[:n]
+            run.forget = (self._generate(labels, what="forget images"), labels)
         elif isinstance(forget, Concept):
             if self.kind != "text":
                 raise bad_value("forget", "fu.Classes or fu.DataPoints for a class-conditional or unconditional "
@@ -223,8 +256,8 @@ class EraseDiff(Method):
                 prompts = pts.prompts if pts.prompts is not None else [forget.prompt] * len(pts)
                 run.forget = (pts.images.float(), encode_prompts(run, prompts))
             else:
-                cond = encode_prompts(run, [forget.prompt] * o["n_generate"])
-                run.forget = (self._generate(cond), cond)
+                cond = encode_prompts(run, [forget.prompt] * self.n_generate)
+                run.forget = (self._generate(cond, what="forget images"), cond)
             self.anchor = encode_prompts(run, [forget.anchor or ""])
         else:  # DataPoints, already prepared by erase()
             x0, cond = run.forget
@@ -300,7 +333,7 @@ class EraseDiff(Method):
         torch._foreach_lerp_(self.ema, [p.detach() for p in params], 1.0 - self.ema_decay)
 
     def _setup_retain(self, retain):
-        run, o = self.run, self.opts
+        run = self.run
         if isinstance(retain, DataPoints):
             x0, cond = run.retain
             if isinstance(cond, list):
@@ -316,41 +349,63 @@ class EraseDiff(Method):
             if not ids or max(ids) >= run.denoiser.num_classes:
                 raise bad_value("retain", f"fu.Classes of ids in [0, {run.denoiser.num_classes}) that are not "
                                 "being forgotten", retain.ids)
-            labels = torch.tensor(ids).repeat_interleave(-(-o["n_generate"] // len(ids)))[:o["n_generate"]]
-            run.retain = (self._generate(labels, salt=1), labels)
+            labels = torch.tensor(ids).repeat_interleave(-(-self.n_generate // len(ids)))[:self.n_generate]
+            run.retain = (self._generate(labels, salt=1, what="retain images"), labels)
         elif isinstance(retain, (list, tuple)) and retain and all(isinstance(p, str) for p in retain) \
                 and self.kind == "text":
-            prompts = [retain[i % len(retain)] for i in range(max(o["n_generate"], len(retain)))]
+            prompts = [retain[i % len(retain)] for i in range(max(self.n_generate, len(retain)))]
             cond = encode_prompts(run, prompts)
-            run.retain = (self._generate(cond, salt=1), cond)
+            run.retain = (self._generate(cond, salt=1, what="retain images"), cond)
         else:
             expected = {"text": "fu.DataPoints with prompts or a list of prompts",
                         "class": "fu.DataPoints with labels or fu.Classes"}.get(self.kind, "fu.DataPoints")
             raise bad_value("retain", f"{expected} (EraseDiff needs something to keep)",
                             type(retain).__name__ if retain is not None else None)
 
-    def _generate(self, cond, salt=0):
-        """Images from the frozen base (the untrained model at setup time) for each row of ``cond``."""
+    # Generated data, sized by the model (module docstring "Generated data"): (images per side, DDIM steps).
+    GENERATE_SIZES = {"pixel": (256, 50), "text": (64, 25), "sdxl": (32, 25)}
+
+    def _size_generation(self):
+        """The sizes of generated data for this model: the options, or the defaults of its family."""
+        run, o = self.run, self.opts
+        family = "sdxl" if run.sdxl else ("text" if self.kind == "text" else "pixel")
+        n, steps = self.GENERATE_SIZES[family]
+        self.generate_chunk = chunk_rows(run, 256)  # images per no-grad forward: a few at SD / SDXL size
+        self.n_generate = o["n_generate"] or n
+        self.generate_steps = o["generate_steps"] or steps
+        if self.generate_steps > run.num_train_timesteps:
+            raise bad_value("generate_steps", f"an int in [1, {run.num_train_timesteps}] (the scheduler's training "
+                            "timesteps)", self.generate_steps)
+        w = o["generate_guidance"]
+        if w is None and self.kind == "text":
+            w = run.pipeline_guidance  # the pipeline's own default: images as the pipeline draws them
+        self.generate_guidance = w
+        self.generated = {}  # what -> fastunlearn.generation.Generated
+
+    def _generate(self, cond, salt=0, what="images"):
+        """Images from the frozen base (the untrained model at setup time) for each row of ``cond``: shown,
+        counted and cached by ``fastunlearn.generation``."""
         o, run = self.opts, self.run
         eps_fn = self.teacher if self.teacher is not None else (lambda x, t, c: run.denoiser(x, t, c))
-        null = None
-        if o["generate_guidance"] is not None:
-            null = self._null(cond_len(cond))
+        w = self.generate_guidance
+        null = self._null(cond_len(cond)) if uses_guidance(w) else None
         was_training = run.model.training
         run.model.eval()
         try:
-            return generate(run, eps_fn, cond, self._data_seed + salt, o["generate_steps"], o["generate_guidance"],
-                            null)
+            x, record = generate(run, eps_fn, cond, self._data_seed + salt, self.generate_steps, w, null,
+                                 chunk=self.generate_chunk, what=what, cache=o["cache_generated"])
         finally:
             run.model.train(was_training)
+        self.generated[what.split()[0]] = record
+        return x
 
     def _null(self, n):
         den = self.run.denoiser
         if den.kind == "text":
             return encode_prompts(self.run, [""] * n)
         if den.null_class is None:
-            raise bad_value("generate_guidance", "None: guidance needs the model's null class, and it declares none",
-                            self.opts["generate_guidance"])
+            raise bad_value("generate_guidance", "None or 1.0: guidance needs the model's null class, and it "
+                            "declares none", self.opts["generate_guidance"])
         return torch.full((n,), den.null_class, dtype=torch.long)
 
     # ------------------------------------------------------------------------------ one step
@@ -443,6 +498,8 @@ class EraseDiff(Method):
             if hasattr(self, "relabel_distances"):
                 result.extras["relabel_distances"] = self.relabel_distances
         result.extras["ema"] = self.ema_decay if self.ema is not None else None
+        if self.generated:  # what setup generated (fastunlearn.generation): rows, steps, UNet evaluations, cache
+            result.extras["generated"] = {k: r.as_dict() for k, r in self.generated.items()}
         if self.ema is not None:
             self._update_ema()  # the last optimizer step
             with torch.no_grad():

@@ -415,10 +415,14 @@ class SFD(Method):
     @staticmethod
     @torch.no_grad()
     def sample_one_step(result, n: int, cond=None, seed: int = 0, batch_size: int = 1024) -> torch.Tensor:
-        """``n`` images in [-1, 1] from the one-step generator: ONE network evaluation per image."""
+        """``n`` samples from the one-step generator: ONE network evaluation per sample. On a pixel model,
+        images clamped to [-1, 1]; on a latent pipeline (SD / SDXL: ``vae_scale_factor`` > 1, kept in the result's
+        extras), the latents as they are, never clamped: scaled VAE latents have unit variance, so values past
+        ±1 are ordinary, and the VAE decoder (``Result.sample``) maps them to pixels."""
         gen_model = result.generator
         den = Denoiser(gen_model)
         ex = result.extras
+        latent = int(ex.get("vae_scale_factor") or 1) > 1
         t_init, gamma, sigma = int(ex["t_init"]), float(ex["gamma_init"]), float(ex["sigma_init"])
         p = next(gen_model.parameters())
         z = torch.randn(n, *den.sample_shape, generator=torch.Generator().manual_seed(seed))
@@ -431,7 +435,8 @@ class SFD(Method):
                 t = torch.full((x.shape[0],), t_init, dtype=torch.long, device=p.device)
                 c = slice_cond(cond, a, a + batch_size)
                 eps = den(x, t, c)
-                out.append(((x - sigma * eps) / gamma).clamp(-1, 1).float().cpu())
+                x0 = (x - sigma * eps) / gamma
+                out.append((x0 if latent else x0.clamp(-1, 1)).float().cpu())
         finally:
             gen_model.train(was_training)
         return torch.cat(out)

@@ -25,7 +25,8 @@ What the trace feeds the method (erase() would get it from the user):
 Not traced: images a method generates in ``setup`` when the user gives no data (EraseDiff with
 ``fu.Classes`` / ``fu.Concept`` samples ``n_generate`` images with ``generate_steps`` DDIM steps): that is a
 no-grad sampling phase before training whose peak is one no-grad forward of ``chunk`` rows, not a training
-step's. Plans are made with data targets, which need none.
+step's. Plans are made with data targets, which need none. The disk cache of generated data
+(``fastunlearn.generation``) is off during a trace, so a trace always does (and counts) the real work.
 
 Speed. Host values (``.item()``, norms as floats, guards) come from ``livebytes.HostValues``; no-grad calls of
 the UNet (ESD's 49 DDIM steps of its trajectory pool, EraseDiff's relabel search) are traced once per signature
@@ -55,6 +56,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from ..errors import bad_value
+from ..generation import caching
 from ..methods import get_method
 from ..models import Denoiser
 from ..config import RunConfig
@@ -193,7 +195,7 @@ def _trace(spec, *, method, resolution, rows, batches, lora_rank, precision, gra
         # mode, not in a copy of it (every op would convert them again).
         mode.__deepcopy__ = lambda memo: mode
     host = HostValues() if fake else contextlib.nullcontext()
-    with mode, warnings.catch_warnings(), peft_in_place():
+    with mode, warnings.catch_warnings(), peft_in_place(), caching(False):  # the trace does the real work
         warnings.simplefilter("ignore")  # deep copies of fake tensors and peft's second adapter warn
         unet = build_unet(spec)  # the input model: not counted (erase() trains a copy of it)
         if unet_kind(spec) == "text":

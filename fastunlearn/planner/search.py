@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from ..errors import bad_type, bad_value
 from ..methods import get_method
 from ..config import ATTENTIONS, RunConfig, check_choice
-from ..files import write_json
+from ..files import cache_dir, write_json
 from . import fakerun
 from .specs import count_params, default_resolution, load_spec, unet_kind
 from .livebytes import TRACE_ROWS
@@ -87,12 +86,8 @@ def _fmt(x):
 # ============================================================================ the trace cache
 def _cache_dir() -> Optional[Path]:
     """Where traces are kept between runs: ``$FASTUNLEARN_CACHE_DIR/plans`` (default
-    ``~/.cache/fastunlearn/plans``); ``FASTUNLEARN_CACHE_DIR=off`` keeps none."""
-    root = os.environ.get("FASTUNLEARN_CACHE_DIR")
-    if root is not None and root.strip().lower() in ("", "0", "off", "none"):
-        return None
-    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastunlearn"
-    return base / "plans"
+    ``~/.cache/fastunlearn/plans``); ``FASTUNLEARN_CACHE_DIR=off`` keeps none (``files.cache_dir``)."""
+    return cache_dir("plans")
 
 
 def _trace_key(spec, **settings) -> str:
