@@ -209,7 +209,9 @@ def _trace(spec, *, method, resolution, rows, batches, lora_rank, precision, gra
             trainer = Trainer(config, method=method, options=opts, inputs=Inputs(unet, scheduler, extras),
                               forget=forget, retain=retain, model=unet, data=(forget_data, retain_data))
             # The runtime switches are released (frozen weights cast back) after the count stops.
-            with contextlib.ExitStack() as switched, tracker, cuda_optimizers(made), \
+            # Fake: the host-values mode counts for the tracker (one dispatch layer); real: the tracker is a mode.
+            counting = host.counting(tracker) if fake else tracker
+            with contextlib.ExitStack() as switched, counting, cuda_optimizers(made), \
                     replay_no_grad_calls(type(unet), tracker):
                 tracker.category = "weights"
                 run, m = trainer.build(next(unet.parameters()).device)

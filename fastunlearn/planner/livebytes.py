@@ -17,7 +17,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
-from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensor
+from torch._subclasses.fake_tensor import _DISPATCH_META_HANDLERS, DynamicOutputShapeException, FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -101,17 +101,40 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                s, key = self._storage_key(t)
-                if s is not None and key not in self.live and not self._aliases_an_input(key, args, kwargs):
-                    self.add(t, self.category)
+        self.count(out, args, kwargs)
         return out
 
-    def _aliases_an_input(self, key, args, kwargs) -> bool:
-        """A view or alias of an input allocates nothing (e.g. ``.data`` of a tensor made before the count)."""
-        return any(isinstance(a, torch.Tensor) and self._storage_key(a)[1] == key
-                   for a in tree_flatten((args, kwargs))[0])
+    def count(self, out, args, kwargs) -> None:
+        """Add the storages ``out`` allocated (an op's outputs with ``args`` and ``kwargs`` as its inputs): those
+        not counted yet, except views and aliases of an input, which allocate nothing (e.g. ``.data`` of a
+        tensor made before the count)."""
+        inputs = None
+        for t in _tensors(out):
+            s, key = self._storage_key(t)
+            if s is None or key in self.live:
+                continue
+            if inputs is None:  # once per op: a foreach op has thousands of inputs and outputs
+                inputs = {self._storage_key(a)[1] for a in _tensors((args, kwargs))}
+            if key not in inputs:
+                self.add(t, self.category)
+
+
+def _tensors(tree, out=None) -> list:
+    """The tensors in an op's arguments or outputs (nested lists, tuples and dicts), in order: what
+    ``torch.utils._pytree.tree_flatten`` finds there, without its cost (it runs for every op of a trace)."""
+    if out is None:
+        out = []
+    if isinstance(tree, torch.Tensor):
+        out.append(tree)
+    elif isinstance(tree, (list, tuple)):
+        for x in tree:
+            if isinstance(x, torch.Tensor):
+                out.append(x)
+            elif isinstance(x, (list, tuple, dict)):
+                _tensors(x, out)
+    elif isinstance(tree, dict):
+        _tensors(tuple(tree.values()), out)
+    return out
 
 
 # Rows of the one trace that serves every batch size (``trace_batches``). A prime that divides none of a
@@ -301,6 +324,42 @@ def _stand_in(dtype):
 
 _SCALAR, _NONZERO = torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default
 _LIFTS = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default)
+_VALUE_ONLY = {}  # op -> writes values only, in place (``_value_only_in_place``)
+_WRITES_VALUES = {"copy_", "zero_", "fill_", "uniform_", "normal_", "bernoulli_", "random_", "exponential_",
+                  "nan_to_num_", "clamp_", "clamp_min_", "clamp_max_", "masked_fill_", "index_put_", "index_add_",
+                  "index_fill_", "scatter_", "scatter_add_", "lerp_", "addcdiv_", "addcmul_"}
+
+
+def _value_only_in_place(func) -> bool:
+    """``func`` writes into its first argument's elements and nothing else: an in-place op (its first argument
+    the only one written, returned as is or not at all) that is pointwise, a foreach op or one of
+    ``_WRITES_VALUES``; not one that changes the tensor's metadata (``resize_``, ``t_``, ``set_``, ...)."""
+    known = _VALUE_ONLY.get(func)
+    if known is None:
+        known = False
+        schema = getattr(func, "_schema", None)
+        if schema is not None and schema.arguments:
+            name = schema.name.split("::")[-1]
+            first, rest = schema.arguments[0], schema.arguments[1:]
+            writes_first = first.alias_info is not None and first.alias_info.is_write
+            writes_rest = any(a.alias_info is not None and a.alias_info.is_write for a in rest)
+            returns_first = not schema.returns or (
+                len(schema.returns) == 1 and schema.returns[0].alias_info is not None
+                and schema.returns[0].alias_info.is_write)
+            known = (name.endswith("_") and writes_first and not writes_rest and returns_first
+                     and (torch.Tag.pointwise in func.tags or name.startswith("_foreach_") or name in _WRITES_VALUES))
+        _VALUE_ONLY[func] = known
+    return known
+
+
+def _all_fake(x) -> bool:
+    if isinstance(x, (list, tuple)):
+        return all(_is_fake(t) for t in x)
+    return _is_fake(x)
+
+
+# Metadata queries FakeTensorMode answers before anything else (a fake tensor's device, sizes, strides, offset).
+_QUERIES = dict(_DISPATCH_META_HANDLERS)
 
 
 class HostValues(TorchDispatchMode):
@@ -317,9 +376,37 @@ class HostValues(TorchDispatchMode):
     * an op whose output shape depends on values (``nonzero``) gets its largest shape: an upper bound.
     """
 
+    def __init__(self):
+        super().__init__()
+        self.tracker = None
+
+    @contextlib.contextmanager
+    def counting(self, tracker: "LiveBytes"):
+        """``tracker`` counts every op's outputs in this mode's own dispatch: what it counts as a mode of its own
+        on top of this one, with one Python dispatch layer less per op (a trace dispatches about a million)."""
+        self.tracker = tracker
+        try:
+            yield tracker
+        finally:
+            self.tracker = None
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        query = _QUERIES.get(func)
+        if query is not None and len(args) == 1 and _is_fake(args[0]):
+            # A fake tensor's device or sizes (``prim.device`` is asked for most often, by autograd and autocast
+            # alike): FakeTensorMode's own answer, without the layers between; it allocates nothing.
+            return query(args)
+        if _value_only_in_place(func) and _all_fake(args[0]):
+            # An in-place op that writes values only (``add_``, ``copy_``, an optimizer's ``_foreach_mul_``): on a
+            # fake tensor it allocates nothing and changes no metadata; its result is its first argument.
+            return args[0] if func._schema.returns else None
+        out = self._value(func, args, kwargs or {})
+        if self.tracker is not None:
+            self.tracker.count(out, args, kwargs)
+        return out
+
+    def _value(self, func, args, kwargs):
+        tensors = _tensors((args, kwargs))
         fake = any(_is_fake(t) for t in tensors)
         if func is _SCALAR and fake:
             return _stand_in(args[0].dtype)
