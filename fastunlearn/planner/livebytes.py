@@ -17,7 +17,8 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
-from torch._subclasses.fake_tensor import _DISPATCH_META_HANDLERS, DynamicOutputShapeException, FakeTensor
+from torch._subclasses.fake_tensor import (_DISPATCH_META_HANDLERS, DynamicOutputShapeException, FakeTensor,
+                                           in_kernel_invocation_manager)
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -352,6 +353,25 @@ def _value_only_in_place(func) -> bool:
     return known
 
 
+_SINGLE_VIEW = {}  # op -> returns one view of its first argument (``_single_view``)
+_VIEWS = {"view", "_unsafe_view", "t", "detach", "transpose", "permute", "expand", "unsqueeze", "squeeze", "alias",
+          "slice", "select", "as_strided", "_reshape_alias", "diagonal", "unfold"}
+
+
+def _single_view(func) -> bool:
+    """``func`` is one of ``_VIEWS`` (never a copy, unlike ``reshape``) returning one tensor that views its first
+    argument (``_unsafe_view`` too: a view that autograd does not track as one)."""
+    known = _SINGLE_VIEW.get(func)
+    if known is None:
+        schema = getattr(func, "_schema", None)
+        known = bool(schema is not None and schema.name.split("::")[-1] in _VIEWS and len(schema.returns) == 1
+                     and str(schema.returns[0].type) == "Tensor" and schema.arguments
+                     and str(schema.arguments[0].type) == "Tensor"
+                     and (getattr(func, "is_view", False) or schema.name == "aten::_unsafe_view"))
+        _SINGLE_VIEW[func] = known
+    return known
+
+
 def _all_fake(x) -> bool:
     if isinstance(x, (list, tuple)):
         return all(_is_fake(t) for t in x)
@@ -396,6 +416,14 @@ class HostValues(TorchDispatchMode):
             # A fake tensor's device or sizes (``prim.device`` is asked for most often, by autograd and autocast
             # alike): FakeTensorMode's own answer, without the layers between; it allocates nothing.
             return query(args)
+        if _single_view(func) and type(args[0]) is FakeTensor and not _tensors((args[1:], kwargs)):
+            # A view (``view``, ``t``, ``detach``, ``_unsafe_view``: a third of a trace's ops) allocates nothing and
+            # its metadata is the op's definition: the meta kernel on the fake tensor's meta self gives it, as
+            # FakeTensorMode does, without its cache key (most of its cost).
+            x = args[0]
+            with in_kernel_invocation_manager(x.fake_mode):
+                view = func(*args, **(kwargs or {}))
+            return FakeTensor(x.fake_mode, view, x.fake_device)
         if _value_only_in_place(func) and _all_fake(args[0]):
             # An in-place op that writes values only (``add_``, ``copy_``, an optimizer's ``_foreach_mul_``): on a
             # fake tensor it allocates nothing and changes no metadata; its result is its first argument.
