@@ -372,6 +372,97 @@ def _single_view(func) -> bool:
     return known
 
 
+# ---------------------------------------------------------------------------- ops answered from their metadata
+# An op on fake tensors is a function of its inputs' metadata and its other arguments: FakeTensorMode caches its
+# outputs' metadata by them (its dispatch cache) and makes new fake tensors from it. ``HostValues`` keeps the
+# same memo with a cheaper key: the op, the global settings FakeTensorMode's key holds, every fake input's
+# metadata (shape, strides, offset, storage size, dtype, device, ...) and the other arguments by value; inputs
+# of any other kind (a real tensor, a generator, a constant-valued fake tensor) are not memoized. An entry is kept
+# only for outputs that are all new storages of their minimal size at offset 0, which a fake tensor made from the
+# metadata is byte for byte; views, in-place ops and anything else go to FakeTensorMode every time.
+_NOT_MEMOIZED = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                 torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default}
+_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+def _memo_key(func, args, kwargs):
+    key = [func, torch.get_default_dtype(), torch._C._get_default_device(), torch.is_inference_mode_enabled()]
+    n = len(key)
+    if not (_key_into(key, args) and (not kwargs or _key_into(key, kwargs))) or len(key) == n:
+        return None
+    return tuple(key) if any(type(k) is _FakeMeta for k in key) else None
+
+
+class _FakeMeta(tuple):
+    """A fake input's metadata in a memo key."""
+
+
+def _key_into(key: list, x) -> bool:
+    if isinstance(x, (list, tuple)):
+        key.append(len(x) if type(x) is list else -len(x) - 1)
+        return all(_key_into(key, y) for y in x)
+    if isinstance(x, dict):
+        key.append(tuple(x))
+        return all(_key_into(key, y) for y in x.values())
+    if type(x) is FakeTensor:
+        if x.constant is not None or x.layout != torch.strided:
+            return False
+        key.append(_FakeMeta((tuple(x.shape), x.stride(), x.storage_offset(), x.untyped_storage().nbytes(), x.dtype,
+                              x.fake_device, x.requires_grad, x.is_conj(), x.is_neg(), x.is_inference())))
+        return True
+    if type(x) in _PLAIN:
+        key.append((type(x), x))
+        return True
+    return False
+
+
+def _made(out, args, kwargs):
+    """The metadata ``_make`` makes ``out`` from again, or False where a fake tensor made from it would differ."""
+    outs = out if type(out) is tuple else (out,)
+    seen = set()
+    for t in outs:
+        if t is None:
+            continue
+        if type(t) is not FakeTensor or t.constant is not None or t.layout != torch.strided or t.is_conj() \
+                or t.is_neg() or t.storage_offset() != 0:
+            return False
+        key = t.untyped_storage()._cdata
+        if key in seen or t.untyped_storage().nbytes() != _dense_nbytes(t):
+            return False
+        seen.add(key)
+    if seen & {a.untyped_storage()._cdata for a in _tensors((args, kwargs)) if type(a) is FakeTensor}:
+        return False  # an output aliases an input
+    meta = tuple(None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.fake_device, t.requires_grad)
+                 for t in outs)
+    return (type(out) is tuple, meta)
+
+
+def _dense_nbytes(t) -> int:
+    if t.numel() == 0:
+        return 0
+    return (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * t.element_size()
+
+
+def _make(made, mode):
+    is_tuple, meta = made
+    outs = []
+    for m in meta:
+        if m is None:
+            outs.append(None)
+            continue
+        shape, stride, dtype, device, requires_grad = m
+        with in_kernel_invocation_manager(mode):
+            empty = torch.empty_strided(shape, stride, dtype=dtype, device="meta", requires_grad=requires_grad)
+        outs.append(FakeTensor(mode, empty, device))
+    return tuple(outs) if is_tuple else outs[0]
+
+
+def _no_constant(x) -> bool:
+    if isinstance(x, (list, tuple)):
+        return all(t.constant is None for t in x)
+    return x.constant is None
+
+
 def _all_fake(x) -> bool:
     if isinstance(x, (list, tuple)):
         return all(_is_fake(t) for t in x)
@@ -399,6 +490,7 @@ class HostValues(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.tracker = None
+        self.memo = {}  # op and its inputs' metadata -> its outputs' metadata, or False (``_memo_key``)
 
     @contextlib.contextmanager
     def counting(self, tracker: "LiveBytes"):
@@ -416,7 +508,8 @@ class HostValues(TorchDispatchMode):
             # A fake tensor's device or sizes (``prim.device`` is asked for most often, by autograd and autocast
             # alike): FakeTensorMode's own answer, without the layers between; it allocates nothing.
             return query(args)
-        if _single_view(func) and type(args[0]) is FakeTensor and not _tensors((args[1:], kwargs)):
+        if (_single_view(func) and type(args[0]) is FakeTensor and args[0].constant is None
+                and not _tensors((args[1:], kwargs))):
             # A view (``view``, ``t``, ``detach``, ``_unsafe_view``: a third of a trace's ops) allocates nothing and
             # its metadata is the op's definition: the meta kernel on the fake tensor's meta self gives it, as
             # FakeTensorMode does, without its cache key (most of its cost).
@@ -424,11 +517,18 @@ class HostValues(TorchDispatchMode):
             with in_kernel_invocation_manager(x.fake_mode):
                 view = func(*args, **(kwargs or {}))
             return FakeTensor(x.fake_mode, view, x.fake_device)
-        if _value_only_in_place(func) and _all_fake(args[0]):
+        if _value_only_in_place(func) and _all_fake(args[0]) and _no_constant(args[0]):
             # An in-place op that writes values only (``add_``, ``copy_``, an optimizer's ``_foreach_mul_``): on a
             # fake tensor it allocates nothing and changes no metadata; its result is its first argument.
             return args[0] if func._schema.returns else None
-        out = self._value(func, args, kwargs or {})
+        key = _memo_key(func, args, kwargs) if func not in _NOT_MEMOIZED else None
+        made = self.memo.get(key) if key is not None else None
+        if made:
+            out = _make(made, next(t for t in _tensors((args, kwargs)) if type(t) is FakeTensor).fake_mode)
+        else:
+            out = self._value(func, args, kwargs or {})
+            if made is None and key is not None:
+                self.memo[key] = _made(out, args, kwargs)
         if self.tracker is not None:
             self.tracker.count(out, args, kwargs)
         return out
