@@ -307,7 +307,7 @@ class _PairByPair(dict):
 
     def __missing__(self, key):
         b, eight = key
-        s = {k: v for k, v in self.settings.items() if k not in ("batches", "optimizer")}
+        s = {k: v for k, v in self.settings.items() if k not in ("batches", "optimizer", "also")}
         self.traced.append(key)
         opt = "adamw8bit" if eight else self.settings["optimizer"]
         self[key] = planner.trace(self.spec, batch_size=b, optimizer=opt, **s)

@@ -418,7 +418,7 @@ def _key_into(key: list, x) -> bool:
 
 def _made(out, args, kwargs):
     """The metadata ``_make`` makes ``out`` from again, or False where a fake tensor made from it would differ."""
-    outs = out if type(out) is tuple else (out,)
+    outs = out if type(out) in (tuple, list) else (out,)
     seen = set()
     for t in outs:
         if t is None:
@@ -434,7 +434,7 @@ def _made(out, args, kwargs):
         return False  # an output aliases an input
     meta = tuple(None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.fake_device, t.requires_grad)
                  for t in outs)
-    return (type(out) is tuple, meta)
+    return (type(out) if type(out) in (tuple, list) else None, meta)
 
 
 def _dense_nbytes(t) -> int:
@@ -444,17 +444,12 @@ def _dense_nbytes(t) -> int:
 
 
 def _make(made, mode):
-    is_tuple, meta = made
-    outs = []
-    for m in meta:
-        if m is None:
-            outs.append(None)
-            continue
-        shape, stride, dtype, device, requires_grad = m
-        with in_kernel_invocation_manager(mode):
-            empty = torch.empty_strided(shape, stride, dtype=dtype, device="meta", requires_grad=requires_grad)
-        outs.append(FakeTensor(mode, empty, device))
-    return tuple(outs) if is_tuple else outs[0]
+    kind, meta = made
+    with in_kernel_invocation_manager(mode):
+        empties = [None if m is None else
+                   torch.empty_strided(m[0], m[1], dtype=m[2], device="meta", requires_grad=m[4]) for m in meta]
+    outs = [None if e is None else FakeTensor(mode, e, m[3]) for e, m in zip(empties, meta)]
+    return kind(outs) if kind is not None else outs[0]
 
 
 def _no_constant(x) -> bool:
