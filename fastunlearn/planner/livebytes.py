@@ -4,7 +4,10 @@ CUDA run.
 * ``LiveBytes`` follows every storage from allocation to release (fake or real tensors) and keeps the peak
   and what was live at that moment, by category; ``BatchLines`` does it for several batch sizes at once.
 * ``HostValues`` gives the host values a step asks for (``.item()``, ``float(t)``, ``bool(t)``) where the
-  tensor is fake: the bytes of a step do not depend on them.
+  tensor is fake: the bytes of a step do not depend on them. It is also the fake trace's one Python dispatch
+  layer: it counts each op's outputs for the tracker (``counting``), and answers what needs no FakeTensorMode
+  dispatch (metadata queries, views, value-only in-place ops, ops whose outputs' metadata it has seen: the
+  memo), each exactly as FakeTensorMode would.
 * ``cuda_norm_policy`` and ``cuda_optimizers``: what CUDA does differently from the CPU the trace runs on
   (autocast's fp32 norms, the foreach optimizer step).
 """
