@@ -30,7 +30,13 @@ step's. Plans are made with data targets, which need none. The disk cache of gen
 
 Speed. Host values (``.item()``, norms as floats, guards) come from ``livebytes.HostValues``; no-grad calls of
 the UNet (ESD's 49 DDIM steps of its trajectory pool, EraseDiff's relabel search) are traced once per signature
-and replayed (``livebytes.replay_no_grad_calls``), so a setup that samples costs one traced forward.
+and replayed (``livebytes.replay_no_grad_calls``), so a setup that samples costs one traced forward. A trace is
+about a million dispatched ops on SDXL: ``HostValues`` is the only Python layer above ``FakeTensorMode`` (it counts
+for the tracker), answers the metadata queries, views and value-only in-place ops of fake tensors itself and the
+other ops from a memo of their outputs' metadata (``livebytes``: each answer is the one FakeTensorMode gives). The
+checkpointing settings ``--auto`` may need share one set-up, the further ones traced by forked children side by
+side (``_trace``). All of it leaves the bytes as they were: tests/test_planner.py compares every trace of the
+seed methods' SDXL and SD 1.5 plans byte for byte with the planner before (tests/data/planner_exact_golden.json).
 
 Steady state. The plan is a step after the first: every optimizer the run made (the loop's and a method's
 own, recorded by ``cuda_optimizers``) has its state before the traced step (a warm-up update with zero
@@ -47,7 +53,12 @@ step's temporaries are "optimizer".
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import math
+import os
+import pickle
+import signal
 import time
 import warnings
 
@@ -178,10 +189,27 @@ def _optimizer_steps(tracker):
             h.remove()
 
 
+@dataclasses.dataclass
+class _Lines:
+    """What a trace leaves for the plans: each view's peak and split (``BatchLines.views``), the gradients' own
+    maximum per batch, the parameter counts and the 8-bit optimizer's state in closed form."""
+
+    views: dict
+    gradients_most: dict
+    counts: dict
+    bnb: int
+
+
 def _trace(spec, *, method, resolution, rows, batches, lora_rank, precision, gradient_checkpointing, optimizer,
-           options=None, fake=True):
-    """Trace one step at ``rows`` rows with ``BatchLines`` over ``batches``; returns (tracker, counts,
-    trainable parameters)."""
+           options=None, fake=True) -> dict:
+    """Trace one step at ``rows`` rows with ``BatchLines`` over ``batches``; returns ``{checkpointing: _Lines}``.
+
+    ``gradient_checkpointing`` is one setting or a tuple of them: the set-up (the UNet, the Run, the method's
+    ``setup()``, LoRA adapters) does not depend on checkpointing, which only the runtime switches after it turn
+    on, so several settings share one set-up. Each further setting's step is traced in a child process forked
+    after the set-up (``_fork``): an exact copy of the state, the settings traced side by side on two cores."""
+    settings = tuple(gradient_checkpointing) if isinstance(gradient_checkpointing, (tuple, list)) \
+        else (gradient_checkpointing,)
     cls = get_method(method)
     opts = cls.resolve_options(dict(options or {}))
     side = sample_side(spec, resolution)
@@ -195,6 +223,7 @@ def _trace(spec, *, method, resolution, rows, batches, lora_rank, precision, gra
         # mode, not in a copy of it (every op would convert them again).
         mode.__deepcopy__ = lambda memo: mode
     host = HostValues() if fake else contextlib.nullcontext()
+    children: dict = {}
     with mode, warnings.catch_warnings(), peft_in_place(), caching(False):  # the trace does the real work
         warnings.simplefilter("ignore")  # deep copies of fake tensors and peft's second adapter warn
         unet = build_unet(spec)  # the input model: not counted (erase() trains a copy of it)
@@ -206,15 +235,21 @@ def _trace(spec, *, method, resolution, rows, batches, lora_rank, precision, gra
             # erase()'s own pipeline: the Trainer builds the Run and the method, switches the runtime on and makes
             # the loop's optimizer; only the step count and the bookkeeping below are the planner's.
             config = RunConfig(batch_size=rows, seed=0, lora_rank=lora_rank, precision=precision,
-                               gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, progress=False)
+                               gradient_checkpointing=settings[0], optimizer=optimizer, progress=False)
             extras = {"encode_prompts": _prompt_encoder(spec)} if unet_kind(spec) == "text" else {}
             trainer = Trainer(config, method=method, options=opts, inputs=Inputs(unet, scheduler, extras),
                               forget=forget, retain=retain, model=unet, data=(forget_data, retain_data))
             # The runtime switches are released (frozen weights cast back) after the count stops.
-            with contextlib.ExitStack() as switched, tracker, cuda_optimizers(made), \
+            # Fake: the host-values mode counts for the tracker (one dispatch layer); real: the tracker is a mode.
+            counting = host.counting(tracker) if fake else tracker
+            with contextlib.ExitStack() as switched, counting, cuda_optimizers(made), \
                     replay_no_grad_calls(type(unet), tracker):
                 tracker.category = "weights"
                 run, m = trainer.build(next(unet.parameters()).device)
+                own, child_of = _fork(settings, children)
+                if children:  # the parent: its children are ended if its own trace fails
+                    switched.push(lambda kind, error, tb: kind is not None and _stop(children))
+                trainer.cfg = dataclasses.replace(trainer.cfg, gradient_checkpointing=own)
                 switched.enter_context(trainer.switched_on(run, m))
                 loop_opt = trainer.optimizer(m)
                 trainable = {id(p): p for opt in made for g in opt.param_groups for p in g["params"]}
@@ -235,16 +270,99 @@ def _trace(spec, *, method, resolution, rows, batches, lora_rank, precision, gra
                 tracker.reset_peak()
                 with _optimizer_steps(tracker):
                     loop(m, loop_opt, 1, run.seed, progress=False)
-    counts = {"unet": n_unet, "trainable": sum(p.numel() for p in trainable.values())}
-    return tracker, counts, list(trainable.values())
+                lines = _Lines(views=tracker.views, gradients_most=dict(tracker.gradients_most),
+                               counts={"unet": n_unet, "trainable": sum(p.numel() for p in trainable.values())},
+                               bnb=_bnb_state(trainable.values()))
+                if child_of is not None:
+                    _send(child_of, lines)  # a child: its setting's answer to the parent, and nothing else
+    out = {own: lines}
+    for setting, (pid, read) in children.items():
+        # A child that could not answer (killed, out of memory): its setting is traced here instead.
+        again = functools.partial(_trace, spec, method=method, resolution=resolution, rows=rows, batches=batches,
+                                  lora_rank=lora_rank, precision=precision, gradient_checkpointing=setting,
+                                  optimizer=optimizer, options=options, fake=fake)
+        out[setting] = _Child(pid, read, lambda again=again, setting=setting: again()[setting])
+    return out
 
 
-def _parts(tracker, b, eight_bit, bnb) -> dict:
-    _, at = tracker.views[(b, eight_bit)]
+class _Child:
+    """A setting traced by a child process (``_fork``): ``result()`` waits for its ``_Lines`` (traced here
+    instead if the child could not answer), ``cancel()`` ends it when its answer is not needed after all."""
+
+    def __init__(self, pid, read, fallback):
+        self.pid, self.read, self.fallback, self.lines = pid, read, fallback, None
+
+    def result(self) -> "_Lines":
+        if self.lines is None:
+            got = _receive(self.pid, self.read) if self.pid is not None else None
+            self.pid = None
+            self.lines = got if got is not None else self.fallback()
+        return self.lines
+
+    def cancel(self) -> None:
+        if self.pid is not None:
+            _stop({None: (self.pid, self.read)})
+            self.pid = None
+
+
+def _fork(settings, children: dict):
+    """(the setting this process traces, the pipe to write its answer to when it is a child, else None).
+    The first setting stays here; each other one goes to a child forked now, recorded in ``children`` as
+    ``{setting: (pid, read end)}``. Without ``os.fork`` (or with one core) every setting stays here, traced one
+    after the other by ``_trace`` itself."""
+    if len(settings) == 1:
+        return settings[0], None
+    for setting in settings[1:]:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: only this setting, then _send exits
+            os.close(read)
+            return setting, write
+        os.close(write)
+        children[setting] = (pid, read)
+    return settings[0], None
+
+
+def _stop(children: dict) -> None:
+    """The children of a trace that failed here: ended and reaped."""
+    for pid, read in children.values():
+        os.close(read)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except OSError:
+            pass
+
+
+def _send(write: int, lines: _Lines) -> None:
+    try:
+        with os.fdopen(write, "wb") as f:
+            pickle.dump(lines, f)
+    finally:
+        os._exit(0)  # no clean-up of the parent's objects: they are the parent's
+
+
+def _receive(pid: int, read: int):
+    with os.fdopen(read, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if status != 0 or not data:
+        return None
+    return pickle.loads(data)
+
+
+def _parallel() -> bool:
+    """Several checkpointing settings are traced side by side (``_trace``): a fork and two cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return hasattr(os, "fork") and cores >= 2
+
+
+def _parts(lines: _Lines, b, eight_bit) -> dict:
+    _, at = lines.views[(b, eight_bit)]
     parts = {k: int(at.get(k, 0)) for k in PARTS_TRACED}
     if eight_bit:
-        parts["optimizer"] += bnb
-    return {"parts": parts, "peak": sum(parts.values()), "gradients_most": int(tracker.gradients_most[b])}
+        parts["optimizer"] += lines.bnb
+    return {"parts": parts, "peak": sum(parts.values()), "gradients_most": int(lines.gradients_most[b])}
 
 
 def _torch_optimizer(optimizer):
@@ -258,12 +376,10 @@ def trace(spec, *, method, resolution, batch_size, lora_rank, precision, gradien
           options=None, fake: bool = True) -> dict:
     """Bytes by category at the peak of one step of ``method`` (``fake=False`` runs the same step on real
     tensors, for the planner's own check on small models): ``{"parts", "peak", "counts", "gradients_most"}``."""
-    tracker, counts, trainable = _trace(spec, method=method, resolution=resolution, rows=batch_size,
-                                        batches=[batch_size], lora_rank=lora_rank, precision=precision,
-                                        gradient_checkpointing=gradient_checkpointing,
-                                        optimizer=_torch_optimizer(optimizer), options=options, fake=fake)
-    eight = optimizer == "adamw8bit"
-    return {**_parts(tracker, batch_size, eight, _bnb_state(trainable) if eight else 0), "counts": counts}
+    lines = _trace(spec, method=method, resolution=resolution, rows=batch_size, batches=[batch_size],
+                   lora_rank=lora_rank, precision=precision, gradient_checkpointing=gradient_checkpointing,
+                   optimizer=_torch_optimizer(optimizer), options=options, fake=fake)[gradient_checkpointing]
+    return {**_parts(lines, batch_size, optimizer == "adamw8bit"), "counts": lines.counts}
 
 
 def trace_batches(spec, *, method, resolution, batches, lora_rank, precision, gradient_checkpointing,
@@ -274,14 +390,45 @@ def trace_batches(spec, *, method, resolution, batches, lora_rank, precision, gr
     ``{(batch, eight_bit): {"parts", "peak", "gradients_most"}, "counts": ..., "seconds": ...}`` where
     ``eight_bit`` is True for ``adamw8bit`` (its state added in closed form, as ``trace()`` does) and False for
     ``optimizer`` (adam or adamw; default adamw). Equal to ``trace()`` at each batch byte for byte where the
-    step's ops do not depend on the batch (``tests/test_planner.py`` checks it)."""
+    step's ops do not depend on the batch (``tests/test_planner.py`` checks it).
+
+    A tuple of checkpointing settings (``(False, True)``) returns ``{setting: answer}``, the settings sharing
+    one set-up and traced side by side where the machine allows (``_trace``); the same answers as one call
+    per setting."""
+    several = isinstance(gradient_checkpointing, (tuple, list))
+    settings = tuple(gradient_checkpointing) if several else (gradient_checkpointing,)
     t0 = time.perf_counter()
-    tracker, counts, trainable = _trace(spec, method=method, resolution=resolution, rows=TRACE_ROWS,
-                                        batches=batches, lora_rank=lora_rank, precision=precision,
-                                        gradient_checkpointing=gradient_checkpointing,
-                                        optimizer=_torch_optimizer(optimizer), options=options)
-    bnb = _bnb_state(trainable)
-    out = {"counts": counts, "seconds": time.perf_counter() - t0}
-    for (b, eight) in tracker.views:
-        out[(b, eight)] = {**_parts(tracker, b, eight, bnb), "counts": counts}
+    if several and not _parallel():
+        traced = {}
+        for c in settings:
+            traced.update(_trace(spec, method=method, resolution=resolution, rows=TRACE_ROWS, batches=batches,
+                                 lora_rank=lora_rank, precision=precision, gradient_checkpointing=c,
+                                 optimizer=_torch_optimizer(optimizer), options=options))
+    else:
+        traced = _trace(spec, method=method, resolution=resolution, rows=TRACE_ROWS, batches=batches,
+                        lora_rank=lora_rank, precision=precision, gradient_checkpointing=settings,
+                        optimizer=_torch_optimizer(optimizer), options=options)
+    answers = {c: (Pending(lines, t0) if isinstance(lines, _Child) else _answer(lines, time.perf_counter() - t0))
+               for c, lines in traced.items()}
+    return answers if several else answers[gradient_checkpointing]
+
+
+def _answer(lines: "_Lines", seconds: float) -> dict:
+    out = {"counts": lines.counts, "seconds": seconds}
+    for (b, eight) in lines.views:
+        out[(b, eight)] = {**_parts(lines, b, eight), "counts": lines.counts}
     return out
+
+
+class Pending:
+    """``trace_batches``' answer for a setting still being traced by a child process: ``result()`` waits for it,
+    ``cancel()`` ends the child (``plan()`` cancels the settings its search did not need)."""
+
+    def __init__(self, child: "_Child", t0: float):
+        self.child, self.t0 = child, t0
+
+    def result(self) -> dict:
+        return _answer(self.child.result(), time.perf_counter() - self.t0)
+
+    def cancel(self) -> None:
+        self.child.cancel()

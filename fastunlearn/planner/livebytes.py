@@ -4,7 +4,10 @@ CUDA run.
 * ``LiveBytes`` follows every storage from allocation to release (fake or real tensors) and keeps the peak
   and what was live at that moment, by category; ``BatchLines`` does it for several batch sizes at once.
 * ``HostValues`` gives the host values a step asks for (``.item()``, ``float(t)``, ``bool(t)``) where the
-  tensor is fake: the bytes of a step do not depend on them.
+  tensor is fake: the bytes of a step do not depend on them. It is also the fake trace's one Python dispatch
+  layer: it counts each op's outputs for the tracker (``counting``), and answers what needs no FakeTensorMode
+  dispatch (metadata queries, views, value-only in-place ops, ops whose outputs' metadata it has seen: the
+  memo), each exactly as FakeTensorMode would.
 * ``cuda_norm_policy`` and ``cuda_optimizers``: what CUDA does differently from the CPU the trace runs on
   (autocast's fp32 norms, the foreach optimizer step).
 """
@@ -17,7 +20,8 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
-from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensor
+from torch._subclasses.fake_tensor import (_DISPATCH_META_HANDLERS, DynamicOutputShapeException, FakeTensor,
+                                           in_kernel_invocation_manager)
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -101,17 +105,40 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                s, key = self._storage_key(t)
-                if s is not None and key not in self.live and not self._aliases_an_input(key, args, kwargs):
-                    self.add(t, self.category)
+        self.count(out, args, kwargs)
         return out
 
-    def _aliases_an_input(self, key, args, kwargs) -> bool:
-        """A view or alias of an input allocates nothing (e.g. ``.data`` of a tensor made before the count)."""
-        return any(isinstance(a, torch.Tensor) and self._storage_key(a)[1] == key
-                   for a in tree_flatten((args, kwargs))[0])
+    def count(self, out, args, kwargs) -> None:
+        """Add the storages ``out`` allocated (an op's outputs with ``args`` and ``kwargs`` as its inputs): those
+        not counted yet, except views and aliases of an input, which allocate nothing (e.g. ``.data`` of a
+        tensor made before the count)."""
+        inputs = None
+        for t in _tensors(out):
+            s, key = self._storage_key(t)
+            if s is None or key in self.live:
+                continue
+            if inputs is None:  # once per op: a foreach op has thousands of inputs and outputs
+                inputs = {self._storage_key(a)[1] for a in _tensors((args, kwargs))}
+            if key not in inputs:
+                self.add(t, self.category)
+
+
+def _tensors(tree, out=None) -> list:
+    """The tensors in an op's arguments or outputs (nested lists, tuples and dicts), in order: what
+    ``torch.utils._pytree.tree_flatten`` finds there, without its cost (it runs for every op of a trace)."""
+    if out is None:
+        out = []
+    if isinstance(tree, torch.Tensor):
+        out.append(tree)
+    elif isinstance(tree, (list, tuple)):
+        for x in tree:
+            if isinstance(x, torch.Tensor):
+                out.append(x)
+            elif isinstance(x, (list, tuple, dict)):
+                _tensors(x, out)
+    elif isinstance(tree, dict):
+        _tensors(tuple(tree.values()), out)
+    return out
 
 
 # Rows of the one trace that serves every batch size (``trace_batches``). A prime that divides none of a
@@ -301,6 +328,147 @@ def _stand_in(dtype):
 
 _SCALAR, _NONZERO = torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default
 _LIFTS = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default)
+_VALUE_ONLY = {}  # op -> writes values only, in place (``_value_only_in_place``)
+_WRITES_VALUES = {"copy_", "zero_", "fill_", "uniform_", "normal_", "bernoulli_", "random_", "exponential_",
+                  "nan_to_num_", "clamp_", "clamp_min_", "clamp_max_", "masked_fill_", "index_put_", "index_add_",
+                  "index_fill_", "scatter_", "scatter_add_", "lerp_", "addcdiv_", "addcmul_"}
+
+
+def _value_only_in_place(func) -> bool:
+    """``func`` writes into its first argument's elements and nothing else: an in-place op (its first argument
+    the only one written, returned as is or not at all) that is pointwise, a foreach op or one of
+    ``_WRITES_VALUES``; not one that changes the tensor's metadata (``resize_``, ``t_``, ``set_``, ...)."""
+    known = _VALUE_ONLY.get(func)
+    if known is None:
+        known = False
+        schema = getattr(func, "_schema", None)
+        if schema is not None and schema.arguments:
+            name = schema.name.split("::")[-1]
+            first, rest = schema.arguments[0], schema.arguments[1:]
+            writes_first = first.alias_info is not None and first.alias_info.is_write
+            writes_rest = any(a.alias_info is not None and a.alias_info.is_write for a in rest)
+            returns_first = not schema.returns or (
+                len(schema.returns) == 1 and schema.returns[0].alias_info is not None
+                and schema.returns[0].alias_info.is_write)
+            known = (name.endswith("_") and writes_first and not writes_rest and returns_first
+                     and (torch.Tag.pointwise in func.tags or name.startswith("_foreach_") or name in _WRITES_VALUES))
+        _VALUE_ONLY[func] = known
+    return known
+
+
+_SINGLE_VIEW = {}  # op -> returns one view of its first argument (``_single_view``)
+_VIEWS = {"view", "_unsafe_view", "t", "detach", "transpose", "permute", "expand", "unsqueeze", "squeeze", "alias",
+          "slice", "select", "as_strided", "_reshape_alias", "diagonal", "unfold"}
+
+
+def _single_view(func) -> bool:
+    """``func`` is one of ``_VIEWS`` (never a copy, unlike ``reshape``) returning one tensor that views its first
+    argument (``_unsafe_view`` too: a view that autograd does not track as one)."""
+    known = _SINGLE_VIEW.get(func)
+    if known is None:
+        schema = getattr(func, "_schema", None)
+        known = bool(schema is not None and schema.name.split("::")[-1] in _VIEWS and len(schema.returns) == 1
+                     and str(schema.returns[0].type) == "Tensor" and schema.arguments
+                     and str(schema.arguments[0].type) == "Tensor"
+                     and (getattr(func, "is_view", False) or schema.name == "aten::_unsafe_view"))
+        _SINGLE_VIEW[func] = known
+    return known
+
+
+# ---------------------------------------------------------------------------- ops answered from their metadata
+# An op on fake tensors is a function of its inputs' metadata and its other arguments: FakeTensorMode caches its
+# outputs' metadata by them (its dispatch cache) and makes new fake tensors from it. ``HostValues`` keeps the
+# same memo with a cheaper key: the op, the global settings FakeTensorMode's key holds, every fake input's
+# metadata (shape, strides, offset, storage size, dtype, device, ...) and the other arguments by value; inputs
+# of any other kind (a real tensor, a generator, a constant-valued fake tensor) are not memoized. An entry is kept
+# only for outputs that are all new storages of their minimal size at offset 0, which a fake tensor made from the
+# metadata is byte for byte; views, in-place ops and anything else go to FakeTensorMode every time.
+_NOT_MEMOIZED = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                 torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default}
+_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+def _memo_key(func, args, kwargs):
+    key = [func, torch.get_default_dtype(), torch._C._get_default_device(), torch.is_inference_mode_enabled()]
+    n = len(key)
+    if not (_key_into(key, args) and (not kwargs or _key_into(key, kwargs))) or len(key) == n:
+        return None
+    return tuple(key) if any(type(k) is _FakeMeta for k in key) else None
+
+
+class _FakeMeta(tuple):
+    """A fake input's metadata in a memo key."""
+
+
+def _key_into(key: list, x) -> bool:
+    if isinstance(x, (list, tuple)):
+        key.append(len(x) if type(x) is list else -len(x) - 1)
+        return all(_key_into(key, y) for y in x)
+    if isinstance(x, dict):
+        key.append(tuple(x))
+        return all(_key_into(key, y) for y in x.values())
+    if type(x) is FakeTensor:
+        if x.constant is not None or x.layout != torch.strided:
+            return False
+        key.append(_FakeMeta((tuple(x.shape), x.stride(), x.storage_offset(), x.untyped_storage().nbytes(), x.dtype,
+                              x.fake_device, x.requires_grad, x.is_conj(), x.is_neg(), x.is_inference())))
+        return True
+    if type(x) in _PLAIN:
+        key.append((type(x), x))
+        return True
+    return False
+
+
+def _made(out, args, kwargs):
+    """The metadata ``_make`` makes ``out`` from again, or False where a fake tensor made from it would differ."""
+    outs = out if type(out) in (tuple, list) else (out,)
+    seen = set()
+    for t in outs:
+        if t is None:
+            continue
+        if type(t) is not FakeTensor or t.constant is not None or t.layout != torch.strided or t.is_conj() \
+                or t.is_neg() or t.storage_offset() != 0:
+            return False
+        key = t.untyped_storage()._cdata
+        if key in seen or t.untyped_storage().nbytes() != _dense_nbytes(t):
+            return False
+        seen.add(key)
+    if seen & {a.untyped_storage()._cdata for a in _tensors((args, kwargs)) if type(a) is FakeTensor}:
+        return False  # an output aliases an input
+    meta = tuple(None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.fake_device, t.requires_grad)
+                 for t in outs)
+    return (type(out) if type(out) in (tuple, list) else None, meta)
+
+
+def _dense_nbytes(t) -> int:
+    if t.numel() == 0:
+        return 0
+    return (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * t.element_size()
+
+
+def _make(made, mode):
+    kind, meta = made
+    with in_kernel_invocation_manager(mode):
+        empties = [None if m is None else
+                   torch.empty_strided(m[0], m[1], dtype=m[2], device="meta", requires_grad=m[4]) for m in meta]
+    outs = [None if e is None else FakeTensor(mode, e, m[3]) for e, m in zip(empties, meta)]
+    return kind(outs) if kind is not None else outs[0]
+
+
+def _no_constant(x) -> bool:
+    if isinstance(x, (list, tuple)):
+        return all(t.constant is None for t in x)
+    return x.constant is None
+
+
+def _all_fake(x) -> bool:
+    if isinstance(x, (list, tuple)):
+        return all(_is_fake(t) for t in x)
+    return _is_fake(x)
+
+
+# Metadata queries FakeTensorMode answers before anything else (a fake tensor's device, sizes, strides, offset).
+_QUERIES = dict(_DISPATCH_META_HANDLERS)
 
 
 class HostValues(TorchDispatchMode):
@@ -317,9 +485,54 @@ class HostValues(TorchDispatchMode):
     * an op whose output shape depends on values (``nonzero``) gets its largest shape: an upper bound.
     """
 
+    def __init__(self):
+        super().__init__()
+        self.tracker = None
+        self.memo = {}  # op and its inputs' metadata -> its outputs' metadata, or False (``_memo_key``)
+
+    @contextlib.contextmanager
+    def counting(self, tracker: "LiveBytes"):
+        """``tracker`` counts every op's outputs in this mode's own dispatch: what it counts as a mode of its own
+        on top of this one, with one Python dispatch layer less per op (a trace dispatches about a million)."""
+        self.tracker = tracker
+        try:
+            yield tracker
+        finally:
+            self.tracker = None
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        query = _QUERIES.get(func)
+        if query is not None and len(args) == 1 and _is_fake(args[0]):
+            # A fake tensor's device or sizes (``prim.device`` is asked for most often, by autograd and autocast
+            # alike): FakeTensorMode's own answer, without the layers between; it allocates nothing.
+            return query(args)
+        if (_single_view(func) and type(args[0]) is FakeTensor and args[0].constant is None
+                and not _tensors((args[1:], kwargs))):
+            # A view (``view``, ``t``, ``detach``, ``_unsafe_view``: a third of a trace's ops) allocates nothing and
+            # its metadata is the op's definition: the meta kernel on the fake tensor's meta self gives it, as
+            # FakeTensorMode does, without its cache key (most of its cost).
+            x = args[0]
+            with in_kernel_invocation_manager(x.fake_mode):
+                view = func(*args, **(kwargs or {}))
+            return FakeTensor(x.fake_mode, view, x.fake_device)
+        if _value_only_in_place(func) and _all_fake(args[0]) and _no_constant(args[0]):
+            # An in-place op that writes values only (``add_``, ``copy_``, an optimizer's ``_foreach_mul_``): on a
+            # fake tensor it allocates nothing and changes no metadata; its result is its first argument.
+            return args[0] if func._schema.returns else None
+        key = _memo_key(func, args, kwargs) if func not in _NOT_MEMOIZED else None
+        made = self.memo.get(key) if key is not None else None
+        if made:
+            out = _make(made, next(t for t in _tensors((args, kwargs)) if type(t) is FakeTensor).fake_mode)
+        else:
+            out = self._value(func, args, kwargs or {})
+            if made is None and key is not None:
+                self.memo[key] = _made(out, args, kwargs)
+        if self.tracker is not None:
+            self.tracker.count(out, args, kwargs)
+        return out
+
+    def _value(self, func, args, kwargs):
+        tensors = _tensors((args, kwargs))
         fake = any(_is_fake(t) for t in tensors)
         if func is _SCALAR and fake:
             return _stand_in(args[0].dtype)

@@ -103,14 +103,50 @@ def _trace_key(spec, **settings) -> str:
 
 
 _TRACES: dict = {}  # this process's traces, by key
+_FRESH: dict = {}  # key -> seconds of a trace made in this process and not handed out yet
+_PENDING: dict = {}  # key -> fakerun.Pending: a trace a child process is making
 
 
-def cached_trace_batches(spec, **settings) -> dict:
+def cached_trace_batches(spec, *, also=(), **settings) -> dict:
     """``trace_batches`` through a cache (this process, then the cache folder): a trace is a pure function
-    of its key, so the second ``plan --auto`` of a model answers without tracing (``seconds`` is then 0)."""
+    of its key, so the second ``plan --auto`` of a model answers without tracing (``seconds`` is then 0).
+
+    ``also``: further checkpointing settings the caller may ask for next; where the machine traces settings
+    side by side (``fakerun._parallel``), those not cached yet are traced now with this one, on one shared
+    set-up, and cached."""
+    c = settings["gradient_checkpointing"]
+    wanted = [c] + [o for o in also if o != c]
+    if len(wanted) > 1 and fakerun._parallel():
+        missing = [o for o in wanted if _cached(spec, {**settings, "gradient_checkpointing": o}) is None]
+        if len(missing) > 1:
+            traced = fakerun.trace_batches(spec, **{**settings, "gradient_checkpointing": tuple(missing)})
+            for o, out in traced.items():
+                if isinstance(out, fakerun.Pending):
+                    _PENDING[_trace_key(spec, **{**settings, "gradient_checkpointing": o})] = out
+                else:
+                    _store(spec, {**settings, "gradient_checkpointing": o}, out)
+    out = _cached(spec, settings)
+    if out is not None:
+        return out
+    out = fakerun.trace_batches(spec, **settings)
+    _store(spec, settings, out)
+    return out
+
+
+def cancel_pending() -> None:
+    """End the traces still running for settings nobody asked for (``plan()``, once its search is done)."""
+    while _PENDING:
+        _PENDING.popitem()[1].cancel()
+
+
+def _cached(spec, settings) -> Optional[dict]:
+    """The trace of ``settings`` from this process's cache or the cache folder (``seconds`` is then 0, except
+    for a trace this process made itself with another: its own time), or None."""
     key = _trace_key(spec, **settings)
+    if key in _PENDING:  # traced by a child process, with another setting: wait for it
+        _store(spec, settings, _PENDING.pop(key).result())
     if key in _TRACES:
-        return {**_TRACES[key], "seconds": 0.0}
+        return {**_TRACES[key], "seconds": _FRESH.pop(key, 0.0)}
     folder = _cache_dir()
     f = folder / f"{key}.json" if folder is not None else None
     if f is not None and f.exists():
@@ -124,16 +160,22 @@ def cached_trace_batches(spec, **settings) -> dict:
             return out
         except (OSError, ValueError, KeyError):
             pass  # unreadable or from another layout: trace again and overwrite it
-    out = fakerun.trace_batches(spec, **settings)
+    return None
+
+
+def _store(spec, settings, out) -> None:
+    key = _trace_key(spec, **settings)
     _TRACES[key] = out
-    if f is not None:
-        batches = {f"{b}:{'8bit' if eight else 'adamw'}": v for (b, eight), v in
-                   ((k, v) for k, v in out.items() if isinstance(k, tuple))}
-        try:
-            write_json(f, {"counts": out["counts"], "batches": batches})
-        except OSError:
-            pass  # a read-only home: the plan is still right, only not remembered
-    return out
+    _FRESH[key] = out["seconds"]
+    folder = _cache_dir()
+    if folder is None:
+        return
+    batches = {f"{b}:{'8bit' if eight else 'adamw'}": v for (b, eight), v in
+               ((k, v) for k, v in out.items() if isinstance(k, tuple))}
+    try:
+        write_json(folder / f"{key}.json", {"counts": out["counts"], "batches": batches})
+    except OSError:
+        pass  # a read-only home: the plan is still right, only not remembered
 
 
 # ============================================================================ plan() and --auto
@@ -194,6 +236,15 @@ def plan(model="sdxl", method: str = "siss", resolution: Optional[int] = None, v
     gradient checkpointing when that reaches the default batch, else with it if that allows a larger batch
     (checkpointing costs ~48% more compute, ``spec/performance.md`` §6.1, but a batch of 1 or 2 costs more).
     """
+    try:
+        return _plan(model, method, resolution, vram, batch_size, lora_rank, precision, gradient_checkpointing,
+                     optimizer, attention, auto, text_encoders_on_gpu)
+    finally:
+        cancel_pending()  # a checkpointing setting traced on the side that the search did not need
+
+
+def _plan(model, method, resolution, vram, batch_size, lora_rank, precision, gradient_checkpointing, optimizer,
+          attention, auto, text_encoders_on_gpu) -> Plan:
     _validate(method, resolution, batch_size, lora_rank, precision, gradient_checkpointing, optimizer, attention,
               vram)
     if auto is not None and not isinstance(auto, bool):
@@ -228,7 +279,8 @@ def plan(model="sdxl", method: str = "siss", resolution: Optional[int] = None, v
     def ev(b, r, p, c, o):
         if c not in lines:
             lines[c] = cached_trace_batches(spec, method=method, resolution=resolution, batches=sorted(batches),
-                                            lora_rank=r, precision=p, gradient_checkpointing=c, optimizer=opts[0])
+                                            lora_rank=r, precision=p, gradient_checkpointing=c, optimizer=opts[0],
+                                            also=ckpts)
         return _make_plan(lines[c][(b, o == "adamw8bit")], lines[c]["seconds"], name, method, resolution, b, r, p, c, o,
                           attention, n_extra * (4 if p == "fp32" else 2), vram, True)
 
