@@ -10,7 +10,7 @@ import fastunlearn as fu
 from fastunlearn import ops
 from fastunlearn.errors import InvalidArgumentError
 from fastunlearn.methods import get_method
-from fastunlearn.methods.erasediff import adaptive_lambda, bome_lambda
+from fastunlearn.methods.erasediff import DEFAULT_FORGET_TOL, STOP_WINDOW, adaptive_lambda, bome_lambda
 from fastunlearn.run import Run, step_generator
 
 
@@ -120,6 +120,63 @@ def test_auto_relabel_picks_the_class_farthest_in_score(tiny, digits_split):
         assert dist[k] == pytest.approx(v, rel=1e-3)
     rows = {int(_method(run, relabel="batch").draw(step_generator(0, s))["relabel"][0]) for s in range(12)}
     assert len(rows) > 1  # the official random class per batch stays available
+
+
+def test_stopping_rule_reads_the_forget_loss_against_its_start(tiny, digits_split):
+    """forget_tol (default on class models with the relabel target): stop once the mean L_f of the last STOP_WINDOW
+    steps is at most forget_tol × L_f(θ_0), L_f(θ_0) being the relabel class's distance measured at setup."""
+    forget, retain = digits_split
+    run = _run(tiny, forget, retain)
+    m = _method(run)
+    chosen = int(m.others[0])
+    assert m.forget_tol == DEFAULT_FORGET_TOL and m.forget_loss_start == m.relabel_distances[chosen]
+    level = DEFAULT_FORGET_TOL * m.forget_loss_start
+
+    def hist(*values):
+        return [{"loss_f": v, "skipped": v != v} for v in values]
+
+    W = STOP_WINDOW
+    assert not m.done(W - 1, hist(*[0.0] * (W - 1)))  # not before a whole window
+    assert m.done(W, hist(*[0.99 * level] * W)) and not m.done(W, hist(*[1.01 * level] * W))
+    assert m.done(W + 3, hist(*[9.0] * 3, *[0.5 * level] * W))  # only the last window counts
+    assert not m.done(W, hist(*[0.9 * level] * (W - 1), 3 * level))  # its mean, not its last value
+    assert not m.done(W, hist(*[0.5 * level] * (W - 1), float("nan")))  # a skipped step: wait for a full window
+    assert not _method(run, forget_tol=0).done(W, hist(*[0.0] * W))  # 0: off, every step runs (official)
+    # a fixed class: L_f(θ_0) is that class's distance (same draws as "auto"); a random class: their mean
+    fixed = 0 if chosen else 1
+    assert _method(run, relabel=fixed).forget_loss_start == pytest.approx(m.relabel_distances[fixed], rel=1e-4)
+    mean = sum(m.relabel_distances.values()) / 9
+    assert _method(run, relabel="batch").forget_loss_start == pytest.approx(mean, rel=1e-4)
+    assert not hasattr(_method(run, relabel=fixed, forget_tol=0), "forget_loss_start")  # off: no probe
+
+
+def test_stopping_rule_ends_the_run_and_resumes_exactly(tiny, digits_split, tmp_path, monkeypatch):
+    """A run the rule stops records the steps it ran (the cap in max_steps); its last step is checkpointed, and a
+    run killed before the stop resumes to the same end."""
+    from helpers.runs import crash_at
+
+    from fastunlearn.methods import REGISTRY
+
+    forget, retain = digits_split
+    unet, sched = tiny
+    monkeypatch.setattr(REGISTRY["erasediff"], "done", lambda self, step_done, history: step_done >= 4)
+    kw = dict(forget=forget, retain=retain, method="erasediff", scheduler=sched, steps=10, batch_size=2,
+              progress=False)
+    reference = fu.erase(unet, **kw)
+    assert len(reference.history) == 4 and reference.history[-1]["stopped"]
+    assert (reference.meta["steps"], reference.meta["max_steps"]) == (4, 10)
+    assert reference.extras["stopped_at"] == 4 and reference.extras["forget_tol"] == DEFAULT_FORGET_TOL
+    undo = crash_at(monkeypatch, "erasediff", 3)
+    with pytest.raises(KeyboardInterrupt):
+        fu.erase(unet, output_dir=tmp_path, checkpoint_every=2, **kw)
+    undo()
+    resumed = fu.erase(unet, output_dir=tmp_path, resume=True, **kw)
+    assert resumed.meta["resumed_from_step"] == 2 and len(resumed.history) == 4
+    assert (tmp_path / "checkpoints" / "step-00000004").is_dir()  # the stopping step is checkpointed
+    ref, got = reference.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    again = fu.erase(unet, output_dir=tmp_path, resume=True, **kw)  # resuming a finished run: nothing more
+    assert len(again.history) == 4 and all(torch.equal(ref[k], v) for k, v in again.model.state_dict().items())
 
 
 def test_ema_copy_is_what_the_result_holds(tiny, digits_split):
@@ -257,6 +314,9 @@ def test_unconditional_model_needs_the_uniform_target(make_tiny_unet, digits_spl
     (dict(antithetic_t="yes"), "antithetic_t"),
     (dict(n_generate=0), "n_generate"),
     (dict(ema=1.5), "ema"),
+    (dict(forget_tol=1.0), "forget_tol"),
+    (dict(forget_tol=-0.1), "forget_tol"),
+    (dict(forget_tol=0.2, forget_target="uniform"), "forget_tol"),  # no L_f(θ_0) to compare with
     (dict(lamda=0.1), "lamda"),
 ])
 def test_bad_options_name_the_option(tiny, digits_split, opts, name):

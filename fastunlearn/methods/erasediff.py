@@ -121,12 +121,21 @@ from .base import Method, Options, boolean, integer, one_of, option, optional, p
 from .esd import PARAM_SUBSETS, apply_param_subset, encode_prompts, generate
 
 FORGET_TARGETS = ("relabel", "uniform")
+DEFAULT_FORGET_TOL = 0.2  # the stopping rule's tolerance (module docstring: measured on every digit)
+STOP_WINDOW = 20  # steps whose mean L_f the stopping rule reads
 LAMBDA_RULES = ("fixed", "adaptive", "bome")
 
 
 def _check_relabel(name, r):
     if not (r in ("auto", "batch", "row") or (isinstance(r, int) and not isinstance(r, bool) and r >= 0)):
         raise bad_value(name, "'auto' | 'batch' | 'row' | a class id to map the forgotten classes onto", r)
+
+
+def _check_tol(name, v):
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0):
+        raise bad_value(name, "None (the default: %g on class-conditional models with the relabel target, off "
+                        "elsewhere), 0 (off: run every step, as the official code) or a number in (0, 1)"
+                        % DEFAULT_FORGET_TOL, v)
 
 
 def _check_ema(name, e):
@@ -160,6 +169,10 @@ class EraseDiffOptions(Options):
     generate_guidance: Optional[float] = option(
         None, "classifier-free guidance weight of the generated images (None: no guidance)",
         optional(positive()))
+    forget_tol: Optional[float] = option(
+        None, "stop once L_f (mean of the last 20 steps) is at most forget_tol × L_f at the start, steps being the "
+        "cap; None: %g on class-conditional models with the relabel target, off elsewhere; 0: off (every step, as "
+        "the official code)" % DEFAULT_FORGET_TOL, _check_tol)
     ema: Union[None, str, float] = option(
         None, "EMA of the weights: None (off), 'official' (0.99 on pixel models, off on text models) or a decay",
         _check_ema)
@@ -242,14 +255,26 @@ class EraseDiff(Method):
                 raise bad_value("forget", "fewer classes than the model has ('relabel' maps them onto the others)",
                                 self.forgotten)
             fixed = o["relabel"] if isinstance(o["relabel"], int) else getattr(run.forget_target, "override", None)
-            if fixed is None and o["relabel"] == "auto":
-                fixed = self._farthest_class(others)
+            if fixed is not None and fixed not in others:
+                raise bad_value("relabel", f"a class id in [0, {run.denoiser.num_classes}) that is not being "
+                                "forgotten", fixed)
+            self.forget_tol = DEFAULT_FORGET_TOL if o["forget_tol"] is None else float(o["forget_tol"])
+            if (fixed is None and o["relabel"] == "auto") or self.forget_tol > 0:
+                dist = self._relabel_distances(others if fixed is None else [fixed])
+                if fixed is None and o["relabel"] == "auto":
+                    fixed = max(dist, key=dist.get)
+                    self.relabel_distances = dist
+                # L_f at the start: E‖ε(x_t, c_f) − ε(x_t, c̃)‖², c̃ the fixed class or a random other one
+                self.forget_loss_start = dist[fixed] if fixed is not None else sum(dist.values()) / len(dist)
             if fixed is not None:
-                if fixed not in others:
-                    raise bad_value("relabel", f"a class id in [0, {run.denoiser.num_classes}) that is not being "
-                                    "forgotten", fixed)
                 others = [fixed]
             self.others = torch.tensor(others, dtype=torch.long)
+        elif o["forget_tol"]:
+            raise bad_value("forget_tol", "None or 0 here: the stopping rule reads L_f against its value at the start, "
+                            "which is measured on class-conditional models with forget_target='relabel'",
+                            o["forget_tol"])
+        else:
+            self.forget_tol = 0.0
         self.ema = None
         decay = o["ema"] if o["ema"] != "official" else (None if self.kind == "text" else self.OFFICIAL_EMA)
         if decay is not None:
@@ -257,12 +282,13 @@ class EraseDiff(Method):
             self.ema = [p.detach().clone() for p in self.trainable_parameters()]
 
     @torch.no_grad()
-    def _farthest_class(self, others, n_rows: int = 64, draws: int = 4) -> int:
-        """``relabel="auto"``: the kept class whose predictions on the noised forget images differ most from
-        the forgotten label's, c̃ = argmax_k E ‖ε(x_t, t, k) − ε(x_t, t, c_f)‖² (t ~ U{0..T−1}, Gaussian ε,
-        ``draws`` × ``n_rows`` forget rows, a generator seeded from the run's seed). Training drives
+    def _relabel_distances(self, others, n_rows: int = 64, draws: int = 4) -> dict:
+        """{k: E ‖ε(x_t, t, k) − ε(x_t, t, c_f)‖²} for each candidate relabel class k, the forget loss L_f that
+        relabelling onto k starts from (t ~ U{0..T−1}, Gaussian ε, ``draws`` × ``n_rows`` forget rows, a
+        generator seeded from the run's seed). ``relabel="auto"`` takes the argmax: training drives
         ε_θ(·, c_f) towards ε(·, c̃), so the forgotten label ends up drawing c̃; the class farthest from c_f
-        in the model's own score space leaves the least of c_f's modes in that target."""
+        in the model's own score space leaves the least of c_f's modes in that target. The stopping rule
+        (``forget_tol``) compares L_f with the chosen class's value."""
         run = self.run
         gen = torch.Generator().manual_seed(self._data_seed + 2)
         dist = torch.zeros(len(others), dtype=torch.float64)
@@ -280,8 +306,7 @@ class EraseDiff(Method):
                                  torch.cat([labels, c_f]))
             ref = eps[-n:].float()
             dist += ((eps[:-n].float().view(len(others), n, -1) - ref.view(1, n, -1)) ** 2).mean((1, 2)).double().cpu()
-        self.relabel_distances = {int(k): float(d / draws) for k, d in zip(others, dist)}
-        return int(others[int(torch.argmax(dist))])
+        return {int(k): float(d / draws) for k, d in zip(others, dist)}
 
     def _eps_base(self, x, t, cond):
         """ε of the model at setup (no update yet), in eval mode."""
@@ -425,6 +450,14 @@ class EraseDiff(Method):
         return {"loss": loss_r.item() + lam * loss_f.item(), "loss_r": loss_r.item(), "loss_f": loss_f.item(),
                 "lambd": lam, **stats}
 
+    def done(self, step_done: int, history: list) -> bool:
+        """The stopping rule (``forget_tol``): the forget constraint of Eq. (3) is met once L_f, the mean of the
+        last ``STOP_WINDOW`` steps' values, is at most ``forget_tol`` × L_f(θ_0); ``steps`` is the cap."""
+        if not self.forget_tol or step_done < STOP_WINDOW:
+            return False
+        recent = [h["loss_f"] for h in history[-STOP_WINDOW:] if not h.get("skipped") and math.isfinite(h["loss_f"])]
+        return len(recent) == STOP_WINDOW and sum(recent) / STOP_WINDOW <= self.forget_tol * self.forget_loss_start
+
     # The EMA copy travels with checkpoints, so a resumed run ends with the same EMA weights.
     def state_dict(self):
         return {"ema": list(self.ema)} if self.ema is not None else {}
@@ -443,6 +476,11 @@ class EraseDiff(Method):
             if hasattr(self, "relabel_distances"):
                 result.extras["relabel_distances"] = self.relabel_distances
         result.extras["ema"] = self.ema_decay if self.ema is not None else None
+        result.extras["forget_tol"] = self.forget_tol or None
+        if self.forget_tol:
+            result.extras["forget_loss_start"] = self.forget_loss_start
+            history = getattr(result, "history", None) or []
+            result.extras["stopped_at"] = len(history) if history and history[-1].get("stopped") else None
         if self.ema is not None:
             self._update_ema()  # the last optimizer step
             with torch.no_grad():
