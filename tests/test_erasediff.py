@@ -150,6 +150,20 @@ def test_stopping_rule_reads_the_forget_loss_against_its_start(tiny, digits_spli
     assert not hasattr(_method(run, relabel=fixed, forget_tol=0), "forget_loss_start")  # off: no probe
 
 
+def test_step_default_is_the_rules_cap_where_the_rule_is_on():
+    """Class models with the relabel target: steps is the stopping rule's cap (400); elsewhere the fixed 150."""
+    cls = get_method("erasediff")
+    opts = cls.resolve_options({})
+    images = torch.zeros(2, 1, 8, 8)
+    labelled = fu.DataPoints(images, labels=torch.tensor([3, 3]))
+    assert cls.defaults_for(fu.Classes([3]), opts)["steps"] == 400 == cls.defaults_for(labelled, opts)["steps"]
+    assert cls.defaults_for(labelled, cls.resolve_options({"forget_tol": 0}))["steps"] == 150  # off: the former default
+    assert cls.defaults_for(labelled, cls.resolve_options({"forget_target": "uniform"}))["steps"] == 150
+    assert cls.defaults_for(fu.Concept("a cat"), opts)["steps"] == 150
+    assert cls.defaults_for(fu.DataPoints(images, prompts=["a", "b"]), opts)["steps"] == 150
+    assert cls.defaults_for(fu.DataPoints(images), opts)["steps"] == 150  # unconditional
+
+
 def test_stopping_rule_ends_the_run_and_resumes_exactly(tiny, digits_split, tmp_path, monkeypatch):
     """A run the rule stops records the steps it ran (the cap in max_steps); its last step is checkpointed, and a
     run killed before the stop resumes to the same end."""
