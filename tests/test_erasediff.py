@@ -355,26 +355,26 @@ def test_mse_loss_is_the_mean_convention():
 
 
 @pytest.mark.slow
-def test_erasediff_forgets_one_digit_and_keeps_the_rest(digits_rates_before):
-    """The issue's acceptance run with the defaults: digit 3's images to forget, the other digits' images to keep.
+def test_erasediff_defaults_forget_the_hardest_digit_and_keep_the_rest(digits_rates_before):
+    """The issue's acceptance run with the defaults only: digit 8's images to forget, the other digits' images to keep.
 
-    The default ``relabel="auto"`` maps digit 3 onto the kept class farthest from it in the model's score space
-    (0 here). The official DDPM target, a random other class per batch, plateaus at 5-8% threes on this model
-    after 100-300 steps: its fixed point, the mean of the other classes' predictions, itself draws 9% threes from
-    the base model (seed 0, 100 samples). Every digit: ``benchmarks/method_checks.py erasediff-sweep``."""
+    Digit 8 was the worst digit of the former default (150 steps: 13% of the label-8 samples still eights, digit 3
+    kept at 93.7% of its rate). The default stopping rule (``forget_tol``) trains until L_f has fallen to 0.2 of
+    its start, at most 400 steps; every digit: ``benchmarks/method_checks.py erasediff-sweep``
+    (``benchmarks/results/erasediff_sweep.md``). The default ``relabel="auto"`` maps digit 8 onto the kept class
+    farthest from it in the model's score space (7)."""
     import time
 
     from fastunlearn.metrics import recognition_rates, summarize_classes
 
     unet, sched = fu.zoo.digits()
     data = fu.datasets.digits()
-    digit = 3
+    digit = 8
     m = data.labels == digit
     forget = fu.DataPoints(data.images[m], labels=data.labels[m])
     retain = fu.DataPoints(data.images[~m], labels=data.labels[~m])
     t0 = time.perf_counter()
-    res = fu.erase(unet, forget=forget, retain=retain, method="erasediff", scheduler=sched,
-                   progress=False)
+    res = fu.erase(unet, forget=forget, retain=retain, method="erasediff", scheduler=sched, progress=False)
     seconds = time.perf_counter() - t0
     after = recognition_rates(res.model, sched, range(10), n_per_class=100, seed=0)
     s = summarize_classes(digits_rates_before, after, [digit])
@@ -382,6 +382,7 @@ def test_erasediff_forgets_one_digit_and_keeps_the_rest(digits_rates_before):
           f"{s['retain_rate_before']:.3f} -> {s['retain_rate_after']:.3f}, kept {s['retain_ratio_mean']:.3f} "
           f"(min {s['retain_ratio_min']:.3f}), {res.meta['steps']} steps, {seconds:.0f} s; after {after}")
     assert res.extras["relabel"] in range(10) and res.extras["relabel"] != digit
+    assert res.extras["stopped_at"] == res.meta["steps"] < res.meta["max_steps"] == 400  # the rule ended it
     assert s["forget_rate_before"] >= 0.75, s
     assert s["forget_rate_after"] <= 0.02, s
-    assert s["retain_ratio_mean"] >= 0.95 and s["retain_ratio_min"] >= 0.95, s  # measured: 1.005, worst 0.978
+    assert s["retain_ratio_mean"] >= 0.95 and s["retain_ratio_min"] >= 0.95, s  # measured: MEASURED
