@@ -385,4 +385,4 @@ def test_erasediff_defaults_forget_the_hardest_digit_and_keep_the_rest(digits_ra
     assert res.extras["stopped_at"] == res.meta["steps"] < res.meta["max_steps"] == 400  # the rule ended it
     assert s["forget_rate_before"] >= 0.75, s
     assert s["forget_rate_after"] <= 0.02, s
-    assert s["retain_ratio_mean"] >= 0.95 and s["retain_ratio_min"] >= 0.95, s  # measured: MEASURED
+    assert s["retain_ratio_mean"] >= 0.95 and s["retain_ratio_min"] >= 0.95, s  # measured: 0% at step 217, 0.999, worst 0.970

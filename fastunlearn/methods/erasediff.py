@@ -97,7 +97,8 @@ models, or with the uniform target whose minimum is the noise's variance, ``forg
 run the 150-step schedule, ``defaults_for``).
 Measured with the defaults on every digit (``benchmarks/method_checks.py erasediff-sweep``, 100 samples per
 label; ``benchmarks/results/erasediff_sweep.md``): digit 1, the slowest, stops at step 346 with 0% (kept
-digits 100.0% of their rate on average, worst 98.0%); the table lists every digit measured.
+digits 100.0% of their rate on average, worst 98.0%), digit 8 at step 217 with 0% (99.9%, worst 97.0%); the table
+lists every digit measured.
 
 EMA (``ema``). The official DDPM code keeps an EMA of the weights (μ = 0.99, updated after every outer
 step, starting from the input weights) and samples and saves that copy; the SD scripts keep none.
