@@ -2,12 +2,14 @@
 
     python benchmarks/method_checks.py esd-null          # ESD with the real null class vs the class mean (null hidden)
     python benchmarks/method_checks.py erasediff-sweep   # EraseDiff defaults, every digit forgotten in turn
+    python benchmarks/method_checks.py erasediff-sweep --steps 150 --option forget_tol=0   # the former default
     python benchmarks/method_checks.py erasediff-ema     # EraseDiff on digit 3 with and without the EMA copy
     python benchmarks/method_checks.py siss-lr           # SISS on digit 3 at lr 1e-4 and the official 5e-5
 
-Each prints one line per run (forget rate after, mean and worst kept ratio, seconds) and a JSON summary at the
-end. Rates: 100 DDIM samples (50 steps) per label, judged by the bundled classifier (``fastunlearn.metrics``),
-seed 0, as the tests and ``fastunlearn bench`` do. The numbers change with the machine's threads only by
+Each prints one line per run (forget rate after, mean and worst kept ratio, steps run, seconds) and a JSON summary
+at the end; ``erasediff-sweep --out DIR`` also writes ``DIR/erasediff_sweep.{json,md}`` (the committed table is
+``benchmarks/results/erasediff_sweep.md``). Rates: 100 DDIM samples (50 steps) per label, judged by the bundled
+classifier (``fastunlearn.metrics``), seed 0, as the tests and ``fastunlearn bench`` do. The numbers change with the machine's threads only by
 float noise.
 """
 from __future__ import annotations
@@ -50,10 +52,10 @@ def judge(res, sched, before, digit, seconds, label, **extra):
     worst = min(kept, key=kept.get)
     row = dict(run=label, digit=digit, forget_before=s["forget_rate_before"], forget_after=s["forget_rate_after"],
                kept_mean=s["retain_ratio_mean"], kept_min=s["retain_ratio_min"], worst_kept_digit=worst,
-               seconds=round(seconds, 1), **extra)
+               steps=res.meta["steps"], seconds=round(seconds, 1), **extra)
     print(f"{label} digit {digit}: forget {s['forget_rate_before']:.2f} -> {s['forget_rate_after']:.2f}, kept mean "
-          f"{s['retain_ratio_mean']:.3f}, worst {s['retain_ratio_min']:.3f} (digit {worst}), {seconds:.0f} s "
-          f"{extra or ''}", flush=True)
+          f"{s['retain_ratio_mean']:.3f}, worst {s['retain_ratio_min']:.3f} (digit {worst}), {res.meta['steps']} "
+          f"steps, {seconds:.0f} s {extra or ''}", flush=True)
     return row
 
 
@@ -78,7 +80,9 @@ def esd_null(digits=(3,)):
     return rows
 
 
-def erasediff_sweep(digits=range(10), **options):
+def erasediff_sweep(digits=range(10), out=None, **options):
+    """EraseDiff with the defaults (and ``options``: erase() arguments such as steps, method options), forgetting
+    each digit in turn: its images to forget, the other digits' images to keep."""
     unet, sched = fu.zoo.digits()
     before = recognition_rates(unet, sched, range(10), n_per_class=100, seed=0)
     rows = []
@@ -87,12 +91,41 @@ def erasediff_sweep(digits=range(10), **options):
         res, sec = timed(lambda: fu.erase(unet, forget=forget, retain=retain, method="erasediff", scheduler=sched,
                                           progress=False, **options))
         rows.append(judge(res, sched, before, d, sec, f"erasediff {options or 'defaults'}",
-                          target=res.extras.get("relabel")))
+                          target=res.extras.get("relabel"), stopped_at=res.extras.get("stopped_at")))
     forget = max(r["forget_after"] for r in rows)
     kept = min(rows, key=lambda r: r["kept_min"])
     print(f"worst forget rate {forget:.2f}; worst kept ratio {kept['kept_min']:.3f} (digit {kept['worst_kept_digit']} "
           f"when forgetting {kept['digit']})")
+    if out is not None:
+        write_sweep(rows, options, before, out)
     return rows
+
+
+def write_sweep(rows, options, before, out):
+    """``erasediff_sweep.json`` (the rows, the options, the base model's rates, the machine) and a Markdown table."""
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"options": {k: v if isinstance(v, (int, float, str, type(None))) else repr(v) for k, v in options.items()},
+           "protocol": "100 DDIM-50 samples per label, seed 0, judged by fastunlearn.zoo.classifier; kept: each other "
+                       "digit's rate after / before",
+           "before": before, "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}
+    (out / "erasediff_sweep.json").write_text(json.dumps(doc, indent=1) + "\n")
+    settings = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
+    lines = [f"# EraseDiff, every digit forgotten in turn ({settings})",
+             "", f"{doc['protocol']}. `benchmarks/method_checks.py erasediff-sweep`.", "",
+             "| digit | relabel target | forget rate (before → after) | kept: mean / worst (digit) | steps | seconds |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['digit']} | {r['target']} | {r['forget_before']:.0%} → **{r['forget_after']:.0%}** | "
+                     f"{r['kept_mean']:.1%} / {r['kept_min']:.1%} ({r['worst_kept_digit']}) | {r['steps']} | "
+                     f"{r['seconds']:.0f} |")
+    kept = min(rows, key=lambda r: r["kept_min"])
+    lines += ["", f"Worst forget rate {max(r['forget_after'] for r in rows):.0%}; worst kept digit "
+              f"{kept['kept_min']:.1%} (digit {kept['worst_kept_digit']} when forgetting {kept['digit']}); "
+              f"{sum(r['steps'] for r in rows) / len(rows):.0f} steps on average.", ""]
+    (out / "erasediff_sweep.md").write_text("\n".join(lines))
 
 
 def erasediff_ema(digit=3):
@@ -120,8 +153,22 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("check", choices=sorted(checks))
     p.add_argument("--digits", type=int, nargs="*", help="digits to forget (default: the check's own)")
+    p.add_argument("--steps", type=int, default=None, help="erasediff-sweep: erase()'s steps (default: the method's)")
+    p.add_argument("--option", action="append", default=[], metavar="K=V",
+                   help="erasediff-sweep: a method option (value parsed as JSON, else a string), repeatable")
+    p.add_argument("--out", default=None, help="erasediff-sweep: folder for erasediff_sweep.{json,md}")
     a = p.parse_args()
     torch.manual_seed(0)
     fn = checks[a.check]
-    out = fn(a.digits) if a.digits and a.check in ("esd-null", "erasediff-sweep") else fn()
+    if a.check == "erasediff-sweep":
+        options = {} if a.steps is None else {"steps": a.steps}
+        for kv in a.option:
+            k, v = kv.split("=", 1)
+            try:
+                options[k] = json.loads(v)
+            except json.JSONDecodeError:
+                options[k] = v
+        out = fn(a.digits if a.digits else range(10), out=a.out, **options)
+    else:
+        out = fn(a.digits) if a.digits and a.check == "esd-null" else fn()
     print(json.dumps(out, indent=1))

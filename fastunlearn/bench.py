@@ -77,7 +77,8 @@ METHOD_SETTINGS = {
     "sfd": {"retain": "classes", "options": {"override": 8}},
     # EraseDiff (§4) trains on the images to forget and the retain images (it takes Classes too, but would
     # then generate stand-ins for data the benchmark has). Its default relabel target ("auto") maps digit 3 onto
-    # class 0, the run the committed results were made with under the former explicit ``relabel=0``.
+    # class 0, the run the committed results were made with under the former explicit ``relabel=0`` and the former
+    # fixed 150 steps (its stopping rule, ``forget_tol``, came later: benchmarks/results/erasediff_sweep.md).
     "erasediff": {"forget": "datapoints", "retain": "data"},
 }
 QUICK = dict(steps=10, n_per_class=20, n_samples=200, num_inference_steps=25)

@@ -339,10 +339,11 @@ class Checkpointer:
 
     # -------------------------------------------------------------- save
     def on_step_end(self, step_done: int, history: list) -> None:
-        """``train``'s hook: checkpoint after every ``every``-th step and after the last one."""
+        """``train``'s hook: checkpoint after every ``every``-th step and after the last one (the cap, or the step
+        at which the method's stopping rule ended the run)."""
         if self.every is None:
             return
-        if step_done % self.every == 0 or step_done == self.steps:
+        if step_done % self.every == 0 or step_done == self.steps or (history and history[-1].get("stopped")):
             self.save(step_done, history)
 
     def save(self, step: int, history: list) -> Path:

@@ -172,6 +172,15 @@ class DataParallel:
         self.splits = [_RowSplit(model, self.rank, self.size)]
         self.hooks = [p.register_hook(_all_reduce_sum) for p in roles.parameters()]
 
+    def agree(self, flag: bool) -> bool:
+        """Process 0's value of ``flag`` on every process (a method's stopping decision: the same rule on losses
+        that may differ across processes in the last bit must end every process at the same step)."""
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0], device=self.weights[0].device)
+        dist.broadcast(t, src=0)
+        return bool(t.item())
+
     def detach(self) -> float:
         """Remove the row split and the hooks; returns the largest weight difference to process 0 (0.0
         when the processes stayed in sync, as they must)."""

@@ -13,7 +13,9 @@ defaults, the checkpoint folder) and no work; ``run()`` owns the lifetimes, as n
 The training loop (``loop``) is short enough to read in one sitting. Each step: zero the gradients, let the
 method write this step's gradients into ``p.grad`` with every random draw from the step's own generator (so a
 resumed run replays the same randomness), skip the step if anything is non-finite (counted, and fatal after
-``max_nonfinite`` in a row), take the optimizer step, log, call the hooks (checkpoints, callback).
+``max_nonfinite`` in a row), take the optimizer step, log, ask the method whether it has reached its goal
+(``Method.done``: a stopping rule, with ``steps`` as the cap; the step it stops at is marked ``stopped`` in the
+history and checkpointed), call the hooks (checkpoints, callback).
 """
 from __future__ import annotations
 
@@ -70,11 +72,16 @@ def all_finite(stats: dict, params) -> bool:
 
 
 def loop(method, optimizer, steps: int, seed: int, *, start_step: int = 0, history=None, progress: bool = True,
-         max_nonfinite: int = 10, on_step_end=None, desc: str | None = None) -> list:
-    """Run optimizer steps ``start_step .. steps-1`` of ``method``; returns the history (one dict per step).
-    ``optimizer`` holds ``method.trainable_parameters()``."""
+         max_nonfinite: int = 10, on_step_end=None, desc: str | None = None, agree=None) -> list:
+    """Run optimizer steps ``start_step .. steps-1`` of ``method``, or fewer when its stopping rule
+    (``method.done``) says so; returns the history (one dict per step). ``optimizer`` holds
+    ``method.trainable_parameters()``. ``agree(flag)``: the stop decision every process takes (data parallel:
+    process 0's, since float summation order may differ across processes)."""
     params = method.trainable_parameters()
     history = [] if history is None else history
+    if history and history[-1].get("stopped"):  # resuming a run that had already met its stopping rule
+        return history
+    done = getattr(method, "done", None)
     bad_in_row = 0
     for h in reversed(history):  # a resumed run continues the streak of skipped steps it was in
         if not h.get("skipped"):
@@ -99,10 +106,18 @@ def loop(method, optimizer, steps: int, seed: int, *, start_step: int = 0, histo
                                      f"(last at step {step}); lower lr or check the inputs")
         stats = {**stats, "step": step, "skipped": not ok, "seconds": time.perf_counter() - t0}
         history.append(stats)
+        stop = step + 1 < steps and done is not None and done(step + 1, history)  # the stopping rule; steps: the cap
+        if agree is not None and step + 1 < steps:
+            stop = agree(stop)
+        if stop:
+            stats["stopped"] = True
         if progress and "loss" in stats:
             bar.set_postfix(loss=f"{stats['loss']:.4g}", refresh=False)  # printed at the bar's own pace
         if on_step_end is not None:
             on_step_end(step + 1, history)
+        if stop:
+            break
+    bar.close()
     for p in params:
         p.grad = None
     return history
@@ -231,13 +246,15 @@ class Trainer:
             hooks.append(lambda step, _history: c.callback(step, view))
         return loop(m, opt, c.steps, c.seed, start_step=start_step, history=history,
                     progress=c.progress and (dp is None or dp.rank == 0), max_nonfinite=c.max_nonfinite,
-                    on_step_end=(lambda step, h: [f(step, h) for f in hooks]) if hooks else None)
+                    on_step_end=(lambda step, h: [f(step, h) for f in hooks]) if hooks else None,
+                    agree=dp.agree if dp is not None else None)
 
     def _result(self, run, m, history: list, dp, seconds: float) -> Result:
         c = self.cfg
         meta = {
             "fastunlearn_version": __version__, "torch_version": torch.__version__, "python": platform.python_version(),
-            "steps": c.steps, "batch_size": c.batch_size, "lr": c.lr, "seed": c.seed, "optimizer": c.optimizer,
+            "steps": len(history), "max_steps": c.steps,  # steps run: fewer than the cap when a stopping rule ended it
+            "batch_size": c.batch_size, "lr": c.lr, "seed": c.seed, "optimizer": c.optimizer,
             "lora_rank": c.lora_rank, "runtime": self.rt.as_dict(), "seconds": round(seconds, 3),
             "peak_memory_bytes": _peak_memory(run.device), "forget": repr(self.forget)[:500],
             "skipped_steps": sum(1 for h in history if h.get("skipped")),

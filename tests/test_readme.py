@@ -33,7 +33,11 @@ def defaults_table() -> str:
         if extra is not None:
             lr += f" ({extra:g} for `Classes`)"
         betas = ", ".join(f"{b:g}" for b in d.get("betas", (0.9, 0.999)))
-        rows.append(f"| `{name}` | {d['steps']} | {d['batch_size']} | {lr} | {d.get('optimizer', 'adamw')} ({betas}) "
+        steps = f"{d['steps']}"
+        cap = getattr(cls, "class_defaults", {}).get("steps")
+        if cap is not None:
+            steps += f" (class models: at most {cap}, a stopping rule ends earlier)"
+        rows.append(f"| `{name}` | {steps} | {d['batch_size']} | {lr} | {d.get('optimizer', 'adamw')} ({betas}) "
                     f"| {cls.description} |")
     return "\n".join(rows)
 

@@ -95,6 +95,38 @@ def test_the_guard_takes_huge_finite_gradients_as_finite():
     assert all_finite({}, [r])
 
 
+class _StopsAt(_Scripted):
+    """A scripted method whose stopping rule (``Method.done``) fires after ``at`` steps."""
+
+    def __init__(self, script, at):
+        super().__init__(script)
+        self.at, self.asked = at, []
+
+    def done(self, step_done, history):
+        self.asked.append(step_done)
+        assert len(history) == step_done  # the rule sees every step taken so far
+        return step_done >= self.at
+
+
+def test_a_stopping_rule_ends_the_loop_before_the_cap():
+    m = _StopsAt([1.0] * 6, at=3)
+    opt = make_optimizer("adam", m.trainable_parameters(), lr=0.1)
+    ends = []
+    history = loop(m, opt, 6, seed=0, progress=False, on_step_end=lambda step, h: ends.append(step))
+    assert len(history) == 3 and history[-1]["stopped"] and not any(h.get("stopped") for h in history[:-1])
+    assert ends == [1, 2, 3] and m.asked == [1, 2, 3]  # the hooks (checkpoints) see the stopping step
+    w = m.w.detach().clone()
+    assert loop(m, opt, 6, seed=0, start_step=3, history=history, progress=False) is history  # resumed: done
+    assert len(history) == 3 and torch.equal(m.w, w)
+    m = _StopsAt([1.0] * 3, at=3)
+    history = loop(m, make_optimizer("adam", m.trainable_parameters(), lr=0.1), 3, seed=0, progress=False)
+    assert len(history) == 3 and not any(h.get("stopped") for h in history) and m.asked == [1, 2]  # the cap
+    m = _StopsAt([1.0] * 5, at=1)
+    history = loop(m, make_optimizer("adam", m.trainable_parameters(), lr=0.1), 5, seed=0, progress=False,
+                   agree=lambda flag: False)  # data parallel: process 0 said go on
+    assert len(history) == 5
+
+
 # ------------------------------------------------------------------------------------------ lifetimes
 class _FailsAtStep1(Method):
     name = "_fails"
@@ -151,5 +183,6 @@ def test_a_finished_run_records_its_settings():
     res = fu.erase(unet, forget=fu.Classes([3]), method="esd", scheduler=digits_scheduler(), steps=2, batch_size=2,
                    ddim_steps=2, progress=False)
     assert (res.meta["steps"], res.meta["batch_size"], res.meta["skipped_steps"]) == (2, 2, 0)
+    assert res.meta["max_steps"] == 2  # steps: those run; max_steps: the cap (a stopping rule may end earlier)
     assert [h["step"] for h in res.history] == [0, 1] and res.meta["runtime"]["precision"] == "fp32"
     assert res.meta["forgotten"] == {"kind": "classes", "ids": [3], "override": None}

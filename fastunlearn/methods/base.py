@@ -111,6 +111,12 @@ class Method:
         """Write this step's gradients into ``p.grad``; return scalar diagnostics for the history."""
         raise NotImplementedError
 
+    def done(self, step_done: int, history: list) -> bool:
+        """A stopping rule: whether training has reached its goal after ``step_done`` steps (``history`` holds their
+        stats), so the loop ends before ``steps``, which is then the cap. Decided from the history and the
+        method's state alone, so a resumed run stops where an uninterrupted one does. Default: never."""
+        return False
+
     # Methods with extra trained roles (SFD) keep them in these hooks so checkpoints and results see them.
     def state_dict(self) -> dict:
         return {}

@@ -90,17 +90,38 @@ floor (``relabel=0``: 0-1% in 100 steps), and the farthest one keeps the least o
 (a look-alike class, e.g. 5 or 8 for a 3, would leave more). ``Result.extras`` records the chosen class and
 every class's distance. ``"batch"`` (official) and ``"row"`` (one random class per row) stay available; an
 int maps onto that class, as the SD scripts map a concept onto one fixed anchor prompt
-(``fu.Classes(..., override=k)`` sets it too). Measured with the defaults (150 steps) on every digit of the
-bundled model (``benchmarks/method_checks.py erasediff-sweep``, 100 samples per label): digits 0, 3, 4, 6, 9
-reach 0-1%, but 5, 2, 1, 7, 8 keep 3, 6, 9, 12 and 13%; kept digits 97.9-100.5% on average, worst 93.7%. The
-fixed target removes the random target's floor, but 150 steps are not enough for every digit: 300 steps take
-digit 1 from 9% to 0% (worst kept 98.0%); the step default is left at 150 until it is measured on all digits.
+(``fu.Classes(..., override=k)`` sets it too).
+
+Stopping rule (``forget_tol``) and the step cap. Eq. (3) is a constrained problem: keep L_r low *subject to* θ
+minimising L_f. The official code runs a fixed number of epochs and the paper gives no stopping criterion, and
+no fixed count fits every class: with the former default of 150 steps (``relabel="auto"``) digits 0, 3, 4, 6, 9
+of the bundled model reach 0-1%, but 5, 2, 1, 7, 8 keep 3, 6, 9, 12 and 13% (worst kept digit 93.7%); digit 8
+goes 92% → 63% → 13% → 0% at steps 50, 100, 150, 200, digit 1 51% → 27% → 9% → 4%. So the run stops when the
+constraint is met, with ``steps`` as the cap. With the relabel target on a class model the constraint's minimum
+is L_f = 0 (the forgotten label predicts what c̃ predicts: c̃ could be copied into c_f's embedding), so "met"
+is read relative to where L_f started: stop once the mean of the last ``STOP_WINDOW`` = 20 steps' L_f (the
+training losses themselves: no extra forward; the window averages out the random t and rows) is at most
+``forget_tol`` × L_f(θ_0), L_f(θ_0) being the relabel class's distance measured at setup (the mean over the other
+classes for ``relabel="batch"``/``"row"``). The decision reads only the history, so a resumed run stops where an
+uninterrupted one does; ``Result.meta["steps"]`` is the steps run and ``Result.extras["stopped_at"]`` the stop.
+The default ``forget_tol=0.2``: on digit 8, L_f / L_f(θ_0) is about 0.6 at step 100 (63% of the samples still
+eights), 0.4 at step 150 (13%), 0.2 at step 200 (0%), and then levels off near 0.1 (the retain term and the
+moving target balance), so a much smaller tolerance would run to the cap every time. The cap, 400 steps, is above
+the slowest digit's stop (digit 1, 346 steps). ``forget_tol=0`` runs every step (the official fixed schedule;
+with it the default is 150 steps, so ``forget_tol=0`` alone is the former default). The rule is on by default
+only where L_f(θ_0) is measured and L_f's minimum is 0: class-conditional models with the relabel target (on text
+models, or with the uniform target whose minimum is the noise's variance, ``forget_tol`` must be None or 0; those
+run the 150-step schedule, ``defaults_for``).
+Measured with the defaults on every digit (``benchmarks/method_checks.py erasediff-sweep``, 100 samples per
+label; ``benchmarks/results/erasediff_sweep.md``): digit 1, the slowest, stops at step 346 with 0% (kept
+digits 100.0% of their rate on average, worst 98.0%), digit 8 at step 217 with 0% (99.9%, worst 97.0%); the table
+lists every digit measured.
 
 EMA (``ema``). The official DDPM code keeps an EMA of the weights (μ = 0.99, updated after every outer
 step, starting from the input weights) and samples and saves that copy; the SD scripts keep none.
 ``ema=0.99`` (or ``"official"``: 0.99 on pixel models, off on text models) does the same here: the result
 is the EMA copy, which travels with checkpoints. It is off by default because at this library's step
-counts it undoes the forgetting: after the default 150 steps the EMA still holds 0.99^150 = 22% of the
+counts it undoes the forgetting: after 150 steps the EMA still holds 0.99^150 = 22% of the
 input weights and lags the trained weights by ~100 steps; on digit 3 of the bundled model the EMA copy
 still draws 62% threes where the trained weights draw 1% (the official run takes 288 outer steps).
 
@@ -112,13 +133,14 @@ needs no teacher; the images generated for ``fu.Classes`` / ``fu.Concept`` / pro
 model at setup (before any update), or, with ``lora_rank``, from the same model with its adapters off.
 
 Defaults, tuned on the bundled digits model (forget digit 3's 183 images, retain the other 1,614, with
-``relabel=0``, the class ``"auto"`` picks there): Adam (official), batch 32 per set, 150 steps, lr 5e-5,
-λ = 0.1 (the DDPM value), η 0.1, clip 1.0 (DDPM). Measured (100 samples per digit), λ at 150 steps of lr 5e-5: 0.1: 1% threes, the other digits keep
-100.5% of their rate on average, the worst 97.8%; 1.0 (the SD shell scripts' value): 1%, 97.0%, worst 91.4%
-(digit 0, the relabel target); with ``relabel=8``, λ 0.1 … 1.0 all reach 0-1% while the worst digit goes from
-94.9% to 91.8%. Other schedules at λ = 1: lr 1e-4 × 100 steps forgot as well but kept the weakest digit at 0.87
-of its rate; 3e-5 × 200 steps: 0%, 0.98, 0.93; lr 3e-4 cut the weakest digits by up to 40%. 150 steps of batch
-32 take ~20 s on 2 CPU cores.
+``relabel=0``, the class ``"auto"`` picks there): Adam (official), batch 32 per set, lr 5e-5, λ = 0.1 (the DDPM
+value), η 0.1, clip 1.0 (DDPM); 150 steps, or at most 400 with the stopping rule (class models, ``forget_tol`` 0.2,
+above). Measured (100 samples per digit), λ at 150 steps of lr 5e-5: 0.1: 1% threes, the other digits keep 100.5% of
+their rate on average, the worst 97.8%; 1.0 (the SD shell scripts' value): 1%, 97.0%, worst 91.4% (digit 0, the
+relabel target); with ``relabel=8``, λ 0.1 … 1.0 all reach 0-1% while the worst digit goes from 94.9% to 91.8%.
+Other schedules at λ = 1: lr 1e-4 × 100 steps forgot as well but kept the weakest digit at 0.87 of its rate; 3e-5 ×
+200 steps: 0%, 0.98, 0.93; lr 3e-4 cut the weakest digits by up to 40%. 150 steps of batch 32 take ~20 s on 2 CPU
+cores (an idle machine).
 """
 from __future__ import annotations
 
@@ -140,12 +162,21 @@ from .esd import PARAM_SUBSETS, apply_param_subset, encode_prompts
 
 FORGET_TARGETS = ("relabel", "uniform")
 MAX_GENERATE = 65536  # generated images per side: a typo (1e6) would cost days, not a clear error
+DEFAULT_FORGET_TOL = 0.2  # the stopping rule's tolerance (module docstring: measured on every digit)
+STOP_WINDOW = 20  # steps whose mean L_f the stopping rule reads
 LAMBDA_RULES = ("fixed", "adaptive", "bome")
 
 
 def _check_relabel(name, r):
     if not (r in ("auto", "batch", "row") or (isinstance(r, int) and not isinstance(r, bool) and r >= 0)):
         raise bad_value(name, "'auto' | 'batch' | 'row' | a class id to map the forgotten classes onto", r)
+
+
+def _check_tol(name, v):
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0):
+        raise bad_value(name, "None (the default: %g on class-conditional models with the relabel target, off "
+                        "elsewhere), 0 (off: run every step, as the official code) or a number in (0, 1)"
+                        % DEFAULT_FORGET_TOL, v)
 
 
 def _check_ema(name, e):
@@ -191,6 +222,10 @@ class EraseDiffOptions(Options):
         True, "keep the generated images on disk ($FASTUNLEARN_CACHE_DIR/generated, fastunlearn.generation) and "
         "reuse them in a later run with the same weights, prompts, seed, counts, steps, guidance and resolution",
         boolean)
+    forget_tol: Optional[float] = option(
+        None, "stop once L_f (mean of the last 20 steps) is at most forget_tol × L_f at the start, steps being the "
+        "cap; None: %g on class-conditional models with the relabel target, off elsewhere; 0: off (every step, as "
+        "the official code)" % DEFAULT_FORGET_TOL, _check_tol)
     ema: Union[None, str, float] = option(
         None, "EMA of the weights: None (off), 'official' (0.99 on pixel models, off on text models) or a decay",
         _check_ema)
@@ -218,8 +253,24 @@ class EraseDiff(Method):
     targets = ("datapoints", "classes", "concept")
     needs_retain = False  # retain data is required, but it may be prompts or fu.Classes (checked in setup)
     defaults = dict(steps=150, batch_size=32, lr=5e-5, optimizer="adam", betas=(0.9, 0.999), weight_decay=0.0)
+    # class models with the relabel target: steps is the cap of the stopping rule (forget_tol), above the slowest
+    # digit's stop (module docstring)
+    class_defaults = dict(steps=400)
     Options = EraseDiffOptions
     OFFICIAL_EMA = 0.99  # cifar10_erasediff.yml (DDPM code); the SD scripts keep no EMA (§4.2, §4.4)
+
+    @classmethod
+    def stops_early(cls, forget, opts: dict) -> bool:
+        """Whether the stopping rule is on for this target and these options: a class-conditional model (the target
+        is ``fu.Classes`` or labelled ``DataPoints``) with the relabel target and ``forget_tol`` not 0."""
+        class_model = isinstance(forget, Classes) or (isinstance(forget, DataPoints) and forget.labels is not None)
+        return class_model and opts.get("forget_target") != "uniform" and opts.get("forget_tol") != 0
+
+    @classmethod
+    def defaults_for(cls, forget, opts: dict, lora_rank=None) -> dict:
+        """The run defaults for this target and options: with the stopping rule on, ``steps`` is its cap (400);
+        otherwise the fixed schedule of 150 steps."""
+        return {**cls.defaults, **cls.class_defaults} if cls.stops_early(forget, opts) else dict(cls.defaults)
 
     @classmethod
     def trainable_filter(cls, opts):
@@ -275,14 +326,26 @@ class EraseDiff(Method):
                 raise bad_value("forget", "fewer classes than the model has ('relabel' maps them onto the others)",
                                 self.forgotten)
             fixed = o["relabel"] if isinstance(o["relabel"], int) else getattr(run.forget_target, "override", None)
-            if fixed is None and o["relabel"] == "auto":
-                fixed = self._farthest_class(others)
+            if fixed is not None and fixed not in others:
+                raise bad_value("relabel", f"a class id in [0, {run.denoiser.num_classes}) that is not being "
+                                "forgotten", fixed)
+            self.forget_tol = DEFAULT_FORGET_TOL if o["forget_tol"] is None else float(o["forget_tol"])
+            if (fixed is None and o["relabel"] == "auto") or self.forget_tol > 0:
+                dist = self._relabel_distances(others if fixed is None else [fixed])
+                if fixed is None and o["relabel"] == "auto":
+                    fixed = max(dist, key=dist.get)
+                    self.relabel_distances = dist
+                # L_f at the start: E‖ε(x_t, c_f) − ε(x_t, c̃)‖², c̃ the fixed class or a random other one
+                self.forget_loss_start = dist[fixed] if fixed is not None else sum(dist.values()) / len(dist)
             if fixed is not None:
-                if fixed not in others:
-                    raise bad_value("relabel", f"a class id in [0, {run.denoiser.num_classes}) that is not being "
-                                    "forgotten", fixed)
                 others = [fixed]
             self.others = torch.tensor(others, dtype=torch.long)
+        elif o["forget_tol"]:
+            raise bad_value("forget_tol", "None or 0 here: the stopping rule reads L_f against its value at the start, "
+                            "which is measured on class-conditional models with forget_target='relabel'",
+                            o["forget_tol"])
+        else:
+            self.forget_tol = 0.0
         self.ema = None
         decay = o["ema"] if o["ema"] != "official" else (None if self.kind == "text" else self.OFFICIAL_EMA)
         if decay is not None:
@@ -290,12 +353,13 @@ class EraseDiff(Method):
             self.ema = [p.detach().clone() for p in self.trainable_parameters()]
 
     @torch.no_grad()
-    def _farthest_class(self, others, n_rows: int = 64, draws: int = 4) -> int:
-        """``relabel="auto"``: the kept class whose predictions on the noised forget images differ most from
-        the forgotten label's, c̃ = argmax_k E ‖ε(x_t, t, k) − ε(x_t, t, c_f)‖² (t ~ U{0..T−1}, Gaussian ε,
-        ``draws`` × ``n_rows`` forget rows, a generator seeded from the run's seed). Training drives
+    def _relabel_distances(self, others, n_rows: int = 64, draws: int = 4) -> dict:
+        """{k: E ‖ε(x_t, t, k) − ε(x_t, t, c_f)‖²} for each candidate relabel class k, the forget loss L_f that
+        relabelling onto k starts from (t ~ U{0..T−1}, Gaussian ε, ``draws`` × ``n_rows`` forget rows, a
+        generator seeded from the run's seed). ``relabel="auto"`` takes the argmax: training drives
         ε_θ(·, c_f) towards ε(·, c̃), so the forgotten label ends up drawing c̃; the class farthest from c_f
-        in the model's own score space leaves the least of c_f's modes in that target."""
+        in the model's own score space leaves the least of c_f's modes in that target. The stopping rule
+        (``forget_tol``) compares L_f with the chosen class's value."""
         run = self.run
         gen = torch.Generator().manual_seed(self._data_seed + 2)
         dist = torch.zeros(len(others), dtype=torch.float64)
@@ -313,8 +377,7 @@ class EraseDiff(Method):
                                  torch.cat([labels, c_f]))
             ref = eps[-n:].float()
             dist += ((eps[:-n].float().view(len(others), n, -1) - ref.view(1, n, -1)) ** 2).mean((1, 2)).double().cpu()
-        self.relabel_distances = {int(k): float(d / draws) for k, d in zip(others, dist)}
-        return int(others[int(torch.argmax(dist))])
+        return {int(k): float(d / draws) for k, d in zip(others, dist)}
 
     def _eps_base(self, x, t, cond):
         """ε of the model at setup (no update yet), in eval mode."""
@@ -480,6 +543,14 @@ class EraseDiff(Method):
         return {"loss": loss_r.item() + lam * loss_f.item(), "loss_r": loss_r.item(), "loss_f": loss_f.item(),
                 "lambd": lam, **stats}
 
+    def done(self, step_done: int, history: list) -> bool:
+        """The stopping rule (``forget_tol``): the forget constraint of Eq. (3) is met once L_f, the mean of the
+        last ``STOP_WINDOW`` steps' values, is at most ``forget_tol`` × L_f(θ_0); ``steps`` is the cap."""
+        if not self.forget_tol or step_done < STOP_WINDOW:
+            return False
+        recent = [h["loss_f"] for h in history[-STOP_WINDOW:] if not h.get("skipped") and math.isfinite(h["loss_f"])]
+        return len(recent) == STOP_WINDOW and sum(recent) / STOP_WINDOW <= self.forget_tol * self.forget_loss_start
+
     # The EMA copy travels with checkpoints, so a resumed run ends with the same EMA weights.
     def state_dict(self):
         return {"ema": list(self.ema)} if self.ema is not None else {}
@@ -500,6 +571,11 @@ class EraseDiff(Method):
         result.extras["ema"] = self.ema_decay if self.ema is not None else None
         if self.generated:  # what setup generated (fastunlearn.generation): rows, steps, UNet evaluations, cache
             result.extras["generated"] = {k: r.as_dict() for k, r in self.generated.items()}
+        result.extras["forget_tol"] = self.forget_tol or None
+        if self.forget_tol:
+            result.extras["forget_loss_start"] = self.forget_loss_start
+            history = getattr(result, "history", None) or []
+            result.extras["stopped_at"] = len(history) if history and history[-1].get("stopped") else None
         if self.ema is not None:
             self._update_ema()  # the last optimizer step
             with torch.no_grad():
