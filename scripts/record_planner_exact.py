@@ -21,19 +21,7 @@ def record(key: str) -> dict:
     p = planner.plan(model, method=method, resolution=1024 if model == "sdxl" else 512, vram=24, auto=True)
     d = p.as_dict()
     d.pop("trace_seconds")
-    return {"plan": d, "traces": traces()}
-
-
-def traces() -> list:
-    """Every trace this process made, as {"counts", "B:adamw" / "B:8bit": answer}, sorted."""
-    out = []
-    for answer in planner.search._TRACES.values():
-        row = {"counts": answer["counts"]}
-        for k, v in answer.items():
-            if isinstance(k, tuple):
-                row[f"{k[0]}:{'8bit' if k[1] else 'adamw'}"] = {x: v[x] for x in ("parts", "peak", "gradients_most")}
-        out.append(row)
-    return sorted(out, key=lambda r: json.dumps(r, sort_keys=True))
+    return {"plan": d, "traces": planner.search.cached_traces()}
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ def digits_rates_before():
 
 @pytest.fixture
 def one_thread():
-    """Tiny networks: intra-op threads only add synchronisation (10x slower on a busy 2-core machine)."""
+    """One intra-op thread: tiny networks only pay for the synchronisation (10x slower on a busy 2-core machine),
+    and bitwise equality across processes needs the same thread count (reduction order)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

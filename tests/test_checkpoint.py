@@ -45,15 +45,6 @@ def _same_history(h1, h2):
     return strip(h1) == strip(h2)
 
 
-@pytest.fixture
-def one_thread():
-    """Bitwise equality across processes needs the same intra-op thread count (reduction order)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------------ the SIGKILL test
 _VICTIM = textwrap.dedent("""
     import sys, time

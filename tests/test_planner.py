@@ -396,19 +396,7 @@ def test_auto_answers_byte_for_byte_as_before_the_speedup(key):
                      auto=True).as_dict()
     p.pop("trace_seconds")
     assert p == row["plan"]
-    assert _traces_made() == row["traces"]
-
-
-def _traces_made() -> list:
-    """Every trace of this process's cache as scripts/record_planner_exact.py records them, in its order."""
-    out = []
-    for answer in planner.search._TRACES.values():
-        row = {"counts": answer["counts"]}
-        for k, v in answer.items():
-            if isinstance(k, tuple):
-                row[f"{k[0]}:{'8bit' if k[1] else 'adamw'}"] = {x: v[x] for x in ("parts", "peak", "gradients_most")}
-        out.append(row)
-    return sorted(out, key=lambda r: json.dumps(r, sort_keys=True))
+    assert planner.search.cached_traces() == row["traces"]
 
 
 # ------------------------------------------------------------------------------- the method's own step

@@ -106,6 +106,19 @@ _TRACES: dict = {}  # this process's traces, by key
 _FRESH: dict = {}  # key -> seconds of a trace made in this process and not handed out yet
 _PENDING: dict = {}  # key -> fakerun.Pending: a trace a child process is making
 
+def cached_traces() -> list:
+    """Every trace this process holds, as plain data ({"counts", "B:adamw" / "B:8bit": its answer}), in a fixed
+    order: what scripts/record_planner_exact.py records and tests/test_planner.py compares."""
+    out = []
+    for answer in _TRACES.values():
+        row = {"counts": answer["counts"]}
+        for k, v in answer.items():
+            if isinstance(k, tuple):
+                row[f"{k[0]}:{'8bit' if k[1] else 'adamw'}"] = {x: v[x] for x in ("parts", "peak", "gradients_most")}
+        out.append(row)
+    return sorted(out, key=lambda r: json.dumps(r, sort_keys=True))
+
+
 
 def cached_trace_batches(spec, *, also=(), **settings) -> dict:
     """``trace_batches`` through a cache (this process, then the cache folder): a trace is a pure function
