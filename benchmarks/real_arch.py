@@ -10,8 +10,10 @@ run is ``erase()`` with LoRA rank 16 and gradient checkpointing on a ``Concept``
 train, that the saved LoRA loads into a plain diffusers pipeline with ``pipe.load_lora_weights`` and that
 the input pipeline is left untouched, and it measures the peak memory of the run independently of the
 planner: the process's peak resident set (``ru_maxrss``) minus its resident set just before ``erase()``,
-in a fresh process per run, next to ``fastunlearn.plan()`` of the same configuration (which plans GPU
-memory; on the CPU the same tensors live in host memory). ``--all`` writes the table to
+in a fresh process per run, plus the input UNet's weights the run uses in place (with LoRA the run shares
+the caller's tensors instead of copying them; they are resident before the run), next to
+``fastunlearn.plan()`` of the same configuration (which plans GPU memory; on the CPU the same tensors live in
+host memory). ``--all`` writes the table to
 ``benchmarks/results/real_arch.{json,md}``.
 
 ``build_pipeline`` is shared with ``benchmarks/gpu_check.py``.
@@ -160,13 +162,19 @@ def run_one(model: str, method: str, resolution: int, steps: int, batch_size: in
     # Memory: what erase() added to the process at its peak (rss before the run is the input pipeline).
     # (ru_maxrss is the peak of the process's life: if the build peaked higher, erase()'s own peak is hidden.)
     row["measured_peak_over_start_gib"] = round((peak - rss0) / 2**30, 3)
+    # With LoRA the run trains on the input UNet's own tensors (not a copy): they were resident before the run,
+    # so the run's peak is what it added plus the input weights it used in place (the planner counts the model).
+    used = {q.data_ptr() for m in (res.model, res.generator) if m is not None for q in m.parameters()}
+    shared = sum(q.numel() * q.element_size() for q in pipe.unet.parameters() if q.data_ptr() in used)
+    row["input_weights_shared_gib"] = round(shared / 2**30, 3)
+    row["measured_run_peak_gib"] = round((peak - rss0 + shared) / 2**30, 3)
     row["peak_hidden_by_build"] = peak <= peak0
     p = plan(pipe, text_encoders_on_gpu=False, auto=False, **cfg)
     row["planned_peak_gib"] = p.peak_gib
     row["planned_parts_gib"] = p.parts_gib
     workspace = p.parts_gib["workspace"]
     row["planned_without_workspace_gib"] = round(p.peak_gib - workspace, 3)
-    row["ratio"] = round(row["measured_peak_over_start_gib"] / row["planned_without_workspace_gib"], 3)
+    row["ratio"] = round(row["measured_run_peak_gib"] / row["planned_without_workspace_gib"], 3)
     # The saved LoRA loads into a plain diffusers pipeline.
     folder = out_dir / f"{model}-{method}"
     res.save(folder)
@@ -182,16 +190,21 @@ def run_one(model: str, method: str, resolution: int, steps: int, batch_size: in
 
 
 def _table(rows) -> str:
-    head = ("| method | model | resolution | s/step | measured peak (GiB) | planned peak (GiB) | ratio | only adapters "
-            "| LoRA loads | input untouched |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    """Rows measured before the run shared the input UNet's tensors have no ``measured_run_peak_gib``: their
+    process grew by a full copy, so what they added is their run peak."""
+    head = ("| method | model | resolution | s/step | added to the process (GiB) | input weights used in place (GiB) "
+            "| run peak (GiB) | planned peak (GiB) | ratio | only adapters | LoRA loads | input untouched |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = ""
     for r in rows:
         if "error" in r:
-            body += f"| {r['method']} | {r['model']} | {r.get('resolution', '')} | failed: {r['error'][:80]} |||||||\n"
+            body += f"| {r['method']} | {r['model']} | {r.get('resolution', '')} | failed: {r['error'][:80]} |||||||||\n"
             continue
         yn = lambda b: "yes" if b else "NO"  # noqa: E731
-        body += (f"| {r['method']} | {r['model']} | {r['resolution']} | {r['seconds_per_step']:.1f} | "
-                 f"{r['measured_peak_over_start_gib']:.2f} | {r['planned_without_workspace_gib']:.2f} | "
+        added = r["measured_peak_over_start_gib"]
+        body += (f"| {r['method']} | {r['model']} | {r['resolution']} | {r['seconds_per_step']:.1f} | {added:.2f} | "
+                 f"{r.get('input_weights_shared_gib', 0.0):.2f} | {r.get('measured_run_peak_gib', added):.2f} | "
+                 f"{r['planned_without_workspace_gib']:.2f} | "
                  f"{r['ratio']:.2f} | {yn(r['only_adapters_trained'])} | {yn(r['lora_loads_in_diffusers'])} | "
                  f"{yn(r['input_untouched'])} |\n")
     return head + body

@@ -35,6 +35,18 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: Optional[float] = None,
         p.requires_grad_("lora_" in n)
 
 
+def shared_base_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model``'s module tree whose parameters are new ``Parameter`` objects over the same tensors:
+    no second copy of the weights (one UNet in memory, not two), while the copy's structure, flags, dtype
+    casts and device moves are its own (they rebind ``.data`` on the copy's parameters). For LoRA runs,
+    whose base weights are never written (adapters train; merges go through ``merge_in_place``, which
+    writes a fresh tensor). Buffers are copied (small, and a module may update them in place)."""
+    import copy
+
+    memo = {id(p): torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
 def lora_state_dict(model: torch.nn.Module) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
@@ -59,6 +71,10 @@ def merge_in_place(model: torch.nn.Module) -> torch.nn.Module:
 
     for name, module in list(model.named_modules()):
         if isinstance(module, BaseTunerLayer):
+            # peft merges with an in-place add; a run's base may share its tensors with the caller's model
+            # (``shared_base_copy``), so each layer's weight is first replaced by its own copy (one layer at a time)
+            base = module.get_base_layer()
+            base.weight.data = base.weight.data.clone()
             module.merge()
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model

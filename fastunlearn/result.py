@@ -53,6 +53,11 @@ def _prompt_list(prompts, n: int) -> list:
 
 @dataclass
 class Result:
+    """What ``erase()`` returns. With ``lora_rank``, ``model`` is the input's architecture with the adapters
+    attached, and its frozen base weights are the input model's own tensors (shared, not copied: the run never
+    writes them); changing the input's weights in place afterwards (``pipe.fuse_lora()``) changes this model
+    too, so ``save()`` or ``pipeline()`` it first. ``save()``, ``pipeline()`` and merges write new tensors."""
+
     model: torch.nn.Module
     scheduler: Any
     method: str

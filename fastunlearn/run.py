@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 
 from .conditioning import cond_to as _to, take_cond as _index_cond
-from .lora import add_lora
+from .lora import add_lora, shared_base_copy
 from .models import Denoiser
 
 
@@ -30,7 +30,9 @@ class Run:
                  lora_targets=None, trainable=None, encode_prompts=None, device=None, progress: bool = False,
                  latent: bool = False, sdxl: bool = False, pipeline_guidance: Optional[float] = None):
         self.original = model
-        self.model = copy.deepcopy(model)  # the user's model is never modified
+        # The user's model is never modified. With LoRA its weights are not copied either: the base stays frozen,
+        # so the run's model shares the caller's tensors (host memory holds one UNet, not two).
+        self.model = shared_base_copy(model) if lora_rank is not None else copy.deepcopy(model)
         if device is not None:  # the user's model was moved off the accelerator first (runtime.InputOffload)
             self.model.to(device)
         self.model.train()

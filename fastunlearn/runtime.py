@@ -219,9 +219,9 @@ class Applied:
 
 
 def restore_dtypes(model: torch.nn.Module, original: torch.nn.Module) -> None:
-    """Give ``model`` the dtypes of ``original`` again: frozen weights are copied back from the
-    untouched original (exact), trained ones are cast (a bf16 input model gets a bf16 result); LoRA
-    adapters stay fp32 as peft keeps them. peft's ``base_layer`` names map onto the original names."""
+    """Give ``model`` the dtypes of ``original`` again: frozen weights are the untouched original's again
+    (exact; its own tensors, shared, where it is on the same device), trained ones are cast (a bf16 input model
+    gets a bf16 result); LoRA adapters stay fp32 as peft keeps them. peft's ``base_layer`` names map onto the original names."""
     orig = dict(original.named_parameters())
     for name, p in model.named_parameters():
         if _is_adapter(name):
@@ -231,8 +231,8 @@ def restore_dtypes(model: torch.nn.Module, original: torch.nn.Module) -> None:
             continue
         if p.requires_grad:
             p.data = p.data.to(src.dtype)
-        else:
-            p.data = src.detach().to(p.device).clone()
+        else:  # the original's own tensor where it is on the same device (frozen: never written), else a copy
+            p.data = src.detach().to(p.device)
 
 
 def cast_copies(roles, dtype: torch.dtype) -> None:

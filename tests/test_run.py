@@ -2,6 +2,7 @@
 only from the step's generator, and the trainable set the run was asked for."""
 import torch
 
+from fastunlearn.lora import merge_in_place
 from fastunlearn.run import Run, step_generator
 
 
@@ -44,3 +45,19 @@ def test_trainable_subset_and_lora(tiny, digits_split):
     again = _run(tiny, digits_split, lora_rank=2)  # adapters start from the run's seed
     assert all(torch.equal(a, b) for a, b in zip(lora.trainable_parameters(), again.trainable_parameters()))
     assert not any("lora_" in n for n, _ in tiny[0].named_parameters())  # the caller's model has none
+
+
+def test_a_lora_run_shares_the_callers_weights_and_never_writes_them(tiny, digits_split):
+    unet = tiny[0]
+    flags = [p.requires_grad for p in unet.parameters()]
+    before = [p.detach().clone() for p in unet.parameters()]
+    run = _run(tiny, digits_split, lora_rank=2)
+    ptrs = {p.data_ptr() for p in unet.parameters()}
+    base = [p for n, p in run.model.named_parameters() if "lora_" not in n]
+    assert base and all(p.data_ptr() in ptrs for p in base)  # one copy of the weights in memory, not two
+    assert [p.requires_grad for p in unet.parameters()] == flags  # the copy's flags are its own
+    for p in run.trainable_parameters():  # a non-zero adapter (peft starts lora_B at 0)
+        p.data.fill_(0.05)
+    merged = merge_in_place(run.model)  # a merge writes each layer's new weight into a fresh tensor
+    assert any(not torch.equal(a, b) for a, b in zip(merged.parameters(), before))
+    assert all(torch.equal(a, b) for a, b in zip(unet.parameters(), before))

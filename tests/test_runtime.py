@@ -72,6 +72,8 @@ def test_bf16_keeps_trainable_weights_fp32_and_gives_back_the_input_precision(si
     orig = dict(unet.named_parameters())
     assert base.keys() == orig.keys()
     assert all(p.dtype == torch.float32 and torch.equal(p, orig[n]) for n, p in base.items())
+    # ... and the input's own tensors, not a second copy (frozen: never written)
+    assert all(p.data_ptr() == orig[n].data_ptr() for n, p in base.items())
 
 
 def test_bf16_full_weights_train_in_fp32(siss_args, spy_training):
