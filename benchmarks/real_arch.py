@@ -202,8 +202,9 @@ def _table(rows) -> str:
             continue
         yn = lambda b: "yes" if b else "NO"  # noqa: E731
         added = r["measured_peak_over_start_gib"]
+        shared = f"{r['input_weights_shared_gib']:.2f}" if "input_weights_shared_gib" in r else "none (copied)"
         body += (f"| {r['method']} | {r['model']} | {r['resolution']} | {r['seconds_per_step']:.1f} | {added:.2f} | "
-                 f"{r.get('input_weights_shared_gib', 0.0):.2f} | {r.get('measured_run_peak_gib', added):.2f} | "
+                 f"{shared} | {r.get('measured_run_peak_gib', added):.2f} | "
                  f"{r['planned_without_workspace_gib']:.2f} | "
                  f"{r['ratio']:.2f} | {yn(r['only_adapters_trained'])} | {yn(r['lora_loads_in_diffusers'])} | "
                  f"{yn(r['input_untouched'])} |\n")

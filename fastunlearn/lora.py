@@ -51,16 +51,18 @@ def lora_state_dict(model: torch.nn.Module) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
-def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
+def merged_copy(model: torch.nn.Module, share: bool = False) -> torch.nn.Module:
     """A plain diffusers model with any LoRA adapter merged into the base weights (the model itself is
-    left as it is). Models without adapters are returned unchanged."""
+    left as it is). Models without adapters are returned unchanged. ``share``: the layers without an adapter
+    keep ``model``'s tensors (``shared_base_copy``; only the adapted layers' merged weights are new), for
+    copies that are only read (a result's role, a file being written); else every tensor is copied."""
     import copy
 
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if not any(isinstance(m, BaseTunerLayer) for m in model.modules()):
         return model
-    return merge_in_place(copy.deepcopy(model))
+    return merge_in_place(shared_base_copy(model) if share else copy.deepcopy(model))
 
 
 def merge_in_place(model: torch.nn.Module) -> torch.nn.Module:

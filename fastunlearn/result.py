@@ -521,7 +521,7 @@ def _load_denoiser(path: Path, meta: dict, base, role: Optional[str] = None):
 
 
 def _save_model(model, folder: Path):
-    merged_copy(model).save_pretrained(folder, safe_serialization=True)
+    merged_copy(model, share=True).save_pretrained(folder, safe_serialization=True)  # read, then dropped
 
 
 def _jsonable(x):

@@ -160,7 +160,8 @@ class Roles:
         return functools.partial(self.eps, role)
 
     def plain_module(self, role: str, last: bool = False) -> torch.nn.Module:
-        """``role`` as a standalone diffusers model: its adapter merged into a copy of the base (LoRA), its
+        """``role`` as a standalone diffusers model: its adapter merged into a copy of the base whose layers without
+        an adapter keep the base's tensors (LoRA: only the adapted layers' weights are new), its
         tensors written into a copy of the model, or the model itself for the run's own role without LoRA.
         ``last`` (LoRA): the run is over and no role is evaluated again, so the adapter is merged into the base
         itself instead of a copy (SFD's second role: one full model fewer at the end of the run, 4.8 GiB on
@@ -171,7 +172,7 @@ class Roles:
                 self._layers = []
                 return merge_in_place(self.model)
             try:
-                return merged_copy(self.model)
+                return merged_copy(self.model, share=True)  # the unadapted layers stay the base's tensors
             finally:
                 self._switch(self.own)
         if role not in self._copies:

@@ -110,8 +110,9 @@ def test_copies_evaluate_like_separate_models(tiny):
 
 
 def test_the_last_plain_module_merges_into_the_base_itself(tiny):
-    """With LoRA the roles end as standalone models: the first as a merged copy, the last merged into the run's
-    own base (no third full model at the end of an SFD run); each evaluates as its role did."""
+    """With LoRA the roles end as standalone models: the first as a merged copy (new tensors for its adapted layers
+    only), the last merged into the run's own base (no third full model at the end of an SFD run); each evaluates
+    as its role did."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     run = _run(tiny, lora_rank=2)
@@ -119,6 +120,7 @@ def test_the_last_plain_module_merges_into_the_base_itself(tiny):
     x, t, c = _inputs()
     _perturb(_lora_b(run, "fake_score"), seed=1)
     _perturb(_lora_b(run, "default"), seed=2)
+    adapted = {n for n, m in run.model.named_modules() if isinstance(m, BaseTunerLayer)}
     with torch.no_grad():
         want_gen, want_fake = roles.eps("generator", x, t, c), roles.eps("fake_score", x, t, c)
         gen = roles.plain_module("generator")
@@ -127,7 +129,11 @@ def test_the_last_plain_module_merges_into_the_base_itself(tiny):
         assert not any(isinstance(m, BaseTunerLayer) for m in list(gen.modules()) + list(fake.modules()))
         torch.testing.assert_close(Denoiser(gen)(x, t, c), want_gen, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(Denoiser(fake)(x, t, c), want_fake, rtol=1e-5, atol=1e-6)
-    assert not {p.data_ptr() for p in gen.parameters()} & {p.data_ptr() for p in fake.parameters()}
+    # Each adapted layer's merged weight is its own; every other tensor is the base's, held once by both
+    gen_p, fake_p = dict(gen.named_parameters()), dict(fake.named_parameters())
+    own = {n for n in gen_p if n.rsplit(".", 1)[0] in adapted and n.endswith(".weight")}
+    assert own and gen_p.keys() == fake_p.keys()
+    assert {n for n in gen_p if gen_p[n].data_ptr() != fake_p[n].data_ptr()} == own
 
 
 @pytest.mark.parametrize("lora_rank", [None, 2])
