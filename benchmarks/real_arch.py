@@ -177,7 +177,7 @@ def run_one(model: str, method: str, resolution: int, steps: int, batch_size: in
     row["ratio"] = round(row["measured_run_peak_gib"] / row["planned_without_workspace_gib"], 3)
     # The saved LoRA loads into a plain diffusers pipeline.
     folder = out_dir / f"{model}-{method}"
-    res.save(folder)
+    res.save(folder, overwrite=True)  # a scratch folder, rewritten by every run
     lora_file = next(folder.glob("*lora*.safetensors"), None) or next(folder.glob("*.safetensors"))
     del res
     try:
