@@ -8,9 +8,9 @@
 
 Each prints one line per run (forget rate after, mean and worst kept ratio, steps run, seconds) and a JSON summary
 at the end; ``erasediff-sweep --out DIR`` also writes ``DIR/erasediff_sweep.{json,md}`` (the committed table is
-``benchmarks/results/erasediff_sweep.md``). Rates: 100 DDIM samples (50 steps) per label, judged by the bundled
-classifier (``fastunlearn.metrics``), seed 0, as the tests and ``fastunlearn bench`` do. The numbers change with the machine's threads only by
-float noise.
+``benchmarks/results/erasediff_sweep.md``). Rates: 100 DDIM samples (50 steps) per label (``--samples N``),
+judged by the bundled classifier (``fastunlearn.metrics``), seed 0, as the tests and ``fastunlearn bench`` do. The
+numbers change with the machine's threads only by float noise.
 """
 from __future__ import annotations
 
