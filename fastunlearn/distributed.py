@@ -168,7 +168,15 @@ class DataParallel:
         self.weights = [*model.parameters(), *copies]
         with torch.no_grad():  # same starting weights everywhere (adapters drawn from each process's RNG)
             for t in [*self.weights, *model.buffers()]:
-                dist.broadcast(t.data, src=0)
+                if isinstance(t, torch.nn.Parameter) and not t.requires_grad and self.rank != 0:
+                    # a frozen LoRA base may be the caller's own tensor (lora.shared_base_copy): received into a
+                    # new one, taken only where process 0's differs, so the caller's model is never written
+                    got = t.data.clone()
+                    dist.broadcast(got, src=0)
+                    if not torch.equal(got, t.data):
+                        t.data = got
+                else:
+                    dist.broadcast(t.data, src=0)
         self.splits = [_RowSplit(model, self.rank, self.size)]
         self.hooks = [p.register_hook(_all_reduce_sum) for p in roles.parameters()]
 

@@ -84,6 +84,20 @@ def test_two_processes_sfd_lora_roles(tmp_path):
     assert _max_diff(one.generator, two.generator, "lora_") <= 0.02 * moved
 
 
+@needs_accelerate
+def test_each_process_input_model_is_untouched_with_a_shared_lora_base():
+    """With LoRA the run's frozen base is the caller's own tensor (``lora.shared_base_copy``): the broadcast of
+    process 0's weights must not write it on the other processes (whose input differs here on purpose)."""
+    # not under helpers/: the script's folder goes first on sys.path, and helpers/kernels.py would shadow a package
+    script = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), script]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert done.stdout.count("input untouched True, base from process 0 True") == 2
+
+
 def test_checkpoints_are_refused_before_any_work_under_several_processes(tmp_path, monkeypatch, tiny):
     monkeypatch.setenv("WORLD_SIZE", "2")
     unet, sched = tiny
