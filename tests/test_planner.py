@@ -153,6 +153,17 @@ def test_lora_gradients_are_accounted(text_pipe):
     assert abs(tr["parts"]["optimizer"] - 2 * tr["parts"]["trainable"]) < 0.01 * tr["parts"]["trainable"]  # 2 moments
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_lora_plan_counts_the_model_it_trains_on(text_pipe, precision):
+    """On the host a LoRA run shares the input's tensors (``lora.shared_base_copy``); on the accelerator the run's
+    model is a copy moved there, and the plan counts it whether or not the precision casts it."""
+    spec = planner.load_spec(text_pipe)
+    tr = planner.trace(spec, method="esd", resolution=SIZE, batch_size=1, lora_rank=4, precision=precision,
+                       gradient_checkpointing=False, optimizer="adamw")
+    size = 4 if precision == "fp32" else 2
+    assert tr["parts"]["weights"] >= size * sum(p.numel() for p in text_pipe.unet.parameters())
+
+
 @pytest.fixture(scope="module")
 def pipe_folder(tmp_path_factory, text_pipe):
     """The tiny pipeline saved as a diffusers folder: the planner reads only its config files."""
