@@ -27,12 +27,15 @@ class Run:
 
     def __init__(self, model: torch.nn.Module, scheduler, *, forget, retain, forget_target, retain_target,
                  batch_size: int, seed: int, lora_rank: Optional[int] = None, lora_alpha: Optional[float] = None,
-                 lora_targets=None, trainable=None, encode_prompts=None, device=None, progress: bool = False,
+                 lora_targets=None, trainable=None, share_input: bool = True, encode_prompts=None, device=None,
+                 progress: bool = False,
                  latent: bool = False, sdxl: bool = False, pipeline_guidance: Optional[float] = None):
         self.original = model
         # The user's model is never modified. With LoRA its weights are not copied either: the base stays frozen,
-        # so the run's model shares the caller's tensors (host memory holds one UNet, not two).
-        self.model = shared_base_copy(model) if lora_rank is not None else copy.deepcopy(model)
+        # so the run's model shares the caller's tensors (host memory holds one UNet, not two). ``share_input=False``
+        # (the planner) copies them, as the model is on an accelerator: a copy of the offloaded input.
+        share = lora_rank is not None and share_input
+        self.model = shared_base_copy(model) if share else copy.deepcopy(model)
         if device is not None:  # the user's model was moved off the accelerator first (runtime.InputOffload)
             self.model.to(device)
         self.model.train()

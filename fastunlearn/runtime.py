@@ -221,7 +221,8 @@ class Applied:
 def restore_dtypes(model: torch.nn.Module, original: torch.nn.Module) -> None:
     """Give ``model`` the dtypes of ``original`` again: frozen weights are the untouched original's again
     (exact; its own tensors, shared, where it is on the same device), trained ones are cast (a bf16 input model
-    gets a bf16 result); LoRA adapters stay fp32 as peft keeps them. peft's ``base_layer`` names map onto the original names."""
+    gets a bf16 result); LoRA adapters stay fp32 as peft keeps them. peft's ``base_layer`` names map onto the
+    original names."""
     orig = dict(original.named_parameters())
     for name, p in model.named_parameters():
         if _is_adapter(name):

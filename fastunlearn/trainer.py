@@ -180,8 +180,8 @@ class Trainer:
                 history = self._train(run, m, dp)
             return self._result(run, m, history, dp, time.perf_counter() - t_start)
 
-    def build(self, device):
-        """The run (a copy of the model, the data as tensors) and the method, set up."""
+    def build(self, device, share_input: bool = True):
+        """The run (a copy of the model, the data as tensors) and the method, set up. ``share_input``: see ``Run``."""
         cfg, extras = self.cfg, self.inputs.extras
         encoded: dict = {}  # before the Run: the VAE is still where the caller put it
         forget, forget_data = self.forget, self.forget_data
@@ -197,7 +197,7 @@ class Trainer:
         self.forget = forget  # what the method and the result's provenance see
         run = Run(self.inputs.denoiser, self.inputs.scheduler, forget=forget_data, retain=retain_data,
                   forget_target=forget, retain_target=self.retain, batch_size=cfg.batch_size, seed=cfg.seed,
-                  lora_rank=cfg.lora_rank, encode_prompts=extras.get("encode_prompts"),
+                  lora_rank=cfg.lora_rank, share_input=share_input, encode_prompts=extras.get("encode_prompts"),
                   trainable=getattr(self.cls, "trainable_filter", lambda opts: None)(self.options), device=device,
                   progress=cfg.progress and distributed.rank() == 0, latent=extras.get("encode_images") is not None,
                   sdxl=bool(extras.get("sdxl")), pipeline_guidance=extras.get("pipeline_guidance"))

@@ -166,24 +166,6 @@ def _optimizer_state(opt):
 
 
 @contextlib.contextmanager
-def _device_copy():
-    """The Run's model as it is on an accelerator: a copy of the input's weights (``Run`` moves it there from the
-    host, where the input was offloaded), counted as the run's weights. On the host a LoRA run shares the input's
-    tensors instead (``lora.shared_base_copy``); traced that way, a plan whose precision casts nothing would count no
-    UNet at all (its storages predate the count)."""
-    import copy
-
-    from .. import run as run_module
-
-    shared = run_module.shared_base_copy
-    run_module.shared_base_copy = copy.deepcopy
-    try:
-        yield
-    finally:
-        run_module.shared_base_copy = shared
-
-
-@contextlib.contextmanager
 def _optimizer_steps(tracker):
     """During any optimizer's step: its temporaries are "optimizer", the gradients it reads are "gradients"
     (a method may have combined them into fresh tensors), and its state stays "optimizer"."""
@@ -263,8 +245,10 @@ def _trace(spec, *, method, resolution, rows, batches, lora_rank, precision, gra
             with contextlib.ExitStack() as switched, counting, cuda_optimizers(made), \
                     replay_no_grad_calls(type(unet), tracker):
                 tracker.category = "weights"
-                with _device_copy():
-                    run, m = trainer.build(next(unet.parameters()).device)
+                # The run's model as on an accelerator: a copy of the (offloaded) input, counted as the run's weights.
+                # Sharing the input's tensors, as a LoRA run does on the host, would count no UNet where the
+                # precision casts nothing (the input's storages predate the count).
+                run, m = trainer.build(next(unet.parameters()).device, share_input=False)
                 own, child_of = _fork(settings, children)
                 if children:  # the parent: its children are ended if its own trace fails
                     switched.push(lambda kind, error, tb: kind is not None and _stop(children))
