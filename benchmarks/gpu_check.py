@@ -114,8 +114,34 @@ def _plan(model: str, method: str, resolution, dry: bool) -> dict:
             "plan_seconds": round(time.perf_counter() - t, 1)}
 
 
-def method_child(model: str, dry: bool, steps: int, methods) -> None:
-    """Child process: build the pipeline once, run each method, print one ``ROW {json}`` line per method."""
+def peak_breakdown(snapshot: dict, top: int = 25) -> dict:
+    """The live allocations at the highest point of a CUDA memory history (``torch.cuda.memory._snapshot()``
+    with ``_record_memory_history`` on), grouped by the innermost frame in this project, diffusers, peft or
+    torch's checkpointing: what the planner's trace should hold at its peak, for a peak it misses."""
+    live, total, best, at_best = {}, 0, 0, {}
+    for trace in snapshot.get("device_traces", []):
+        for ev in trace:
+            if ev["action"] == "alloc":
+                live[ev["addr"]] = (ev["size"], ev.get("frames") or [])
+                total += ev["size"]
+                if total > best:
+                    best, at_best = total, dict(live)
+            elif ev["action"] == "free_completed" and ev["addr"] in live:
+                total -= live.pop(ev["addr"])[0]
+    mine = ("fastunlearn", "diffusers", "peft", "checkpoint", "benchmarks")
+    groups: dict = {}
+    for size, frames in at_best.values():
+        where = next((f"{'/'.join(f['filename'].split('/')[-2:])}:{f['line']} {f['name']}" for f in frames
+                      if any(k in f["filename"] for k in mine)), "other")
+        groups[where] = groups.get(where, 0) + size
+    rows = sorted(groups.items(), key=lambda kv: -kv[1])[:top]
+    return {"peak_gib": round(best / GiB, 3), "allocations": len(at_best),
+            "by_frame_gib": {k: round(v / GiB, 3) for k, v in rows}}
+
+
+def method_child(model: str, dry: bool, steps: int, methods, history=()) -> None:
+    """Child process: build the pipeline once, run each method, print one ``ROW {json}`` line per method.
+    ``history``: methods whose CUDA memory history is recorded, for ``peak_breakdown`` of their run."""
     import fastunlearn as fu
     from real_arch import build_pipeline, targets
 
@@ -133,6 +159,12 @@ def method_child(model: str, dry: bool, steps: int, methods) -> None:
             px = res_px or pipe.unet.config.sample_size * (pipe.vae_scale_factor if pipe.vae is not None else 1)
             tg = targets(method, pipe, px, n=2)
             print(f"{model} {method} ...", file=sys.stderr, flush=True)
+            snap: dict = {}
+            if method in history and device == "cuda":
+                torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+                # the history up to the last step's end: set-up and training, not the result's assembly
+                tg["callback"] = lambda step, view: snap.update(s=torch.cuda.memory._snapshot()) \
+                    if step == steps else None  # step: steps done
             try:
                 res = fu.erase(pipe, method=method, steps=steps, progress=False, resolution=res_px, **cfg, **tg)
                 row["kernels"] = "triton" if device == "cuda" else "torch"
@@ -156,9 +188,15 @@ def method_child(model: str, dry: bool, steps: int, methods) -> None:
                 # set-up and training, what the planner plans) and the whole call's, which also holds the
                 # moment the caller's UNet is back next to the trained copy that the Result keeps.
                 peak = torch.cuda.max_memory_allocated()
-                run_peak = res.meta.get("peak_memory_bytes") or peak
-                row.update(max_memory_allocated_gib=round(peak / GiB, 3), run_peak_gib=round(run_peak / GiB, 3),
+                meta = res.meta
+                row.update(max_memory_allocated_gib=round(peak / GiB, 3),
+                           run_peak_gib=round(meta["peak_memory_bytes"] / GiB, 3),
+                           setup_peak_gib=round(meta["setup_peak_memory_bytes"] / GiB, 3),
+                           train_peak_gib=round(meta["train_peak_memory_bytes"] / GiB, 3),
                            fits_24gib=peak <= 24 * GiB)
+                if snap:
+                    torch.cuda.memory._record_memory_history(enabled=None)
+                    row["peak_breakdown"] = peak_breakdown(snap["s"])
             del res
         except Exception as e:  # recorded; the next method runs
             traceback.print_exc()
@@ -166,10 +204,10 @@ def method_child(model: str, dry: bool, steps: int, methods) -> None:
         print("ROW " + json.dumps(row), flush=True)
 
 
-def run_methods(model: str, dry: bool, steps: int, deadline: float) -> list:
+def run_methods(model: str, dry: bool, steps: int, deadline: float, history: str = "") -> list:
     methods = MODELS[model][1]
-    cmd = [sys.executable, __file__, "--child", model, "--steps", str(steps), "--methods", ",".join(methods)] + (
-        ["--dry"] if dry else [])
+    cmd = [sys.executable, __file__, "--child", model, "--steps", str(steps), "--methods", ",".join(methods),
+           "--memory-history", history] + (["--dry"] if dry else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     why = "child exited with {rc}"
     try:
@@ -203,24 +241,33 @@ def markdown(doc: dict) -> str:
         f = lambda key: f"{k[key]:.3f}" if key in k else "–"  # noqa: E731
         lines.append(f"| {k['kernel']} | {f('eager_ms')} | {f('compile_ms')} | {f('triton_ms')} | "
                      f"{'yes' if k.get('triton_matches_reference') else '–'} |")
-    lines += ["", "run peak: `torch.cuda.max_memory_allocated` from erase()'s start to its result (set-up and training: "
-              "what the planner plans; the text encoders and VAE leave the GPU after set-up). call max: the same over "
-              "the whole call, which also holds the caller's UNet moved back next to the result's model.", "",
-              "| model | method | px | s/step | run peak GiB | planned GiB | ratio | call max GiB | fits 24 GiB |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "`torch.cuda.max_memory_allocated` over erase()'s set-up (the run's UNet next to the text encoders and "
+              "VAE that encode its data) and over its training (the encoders and VAE gone: what the planner plans, "
+              "*planned*; *ratio* = training / planned); *call max*: the whole call, which also holds the caller's "
+              "UNet moved back next to the result's model; *run peak*: the larger of set-up and training (†: a run "
+              "that recorded only this, whose ratio is run peak / planned).", "",
+              "| model | method | px | s/step | run peak GiB | set-up GiB | training GiB | planned GiB | ratio | "
+              "call max GiB | fits 24 GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["methods"]:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['method']} | {r.get('resolution') or ''} | failed: "
                          f"{r['error'][:100].replace('|', '/')} | | | | | |")
             continue
-        mem, run_peak = r.get("max_memory_allocated_gib"), r.get("run_peak_gib")
+        mem, run_peak, train = r.get("max_memory_allocated_gib"), r.get("run_peak_gib"), r.get("train_peak_gib")
         planned = r.get("planned_peak_encoders_off_gib")
         g = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
-        ratio = "–" if run_peak is None or not planned else f"{run_peak / planned:.2f}"
+        peak, mark = (train, "") if train is not None else (run_peak, " †")
+        ratio = "–" if peak is None or not planned else f"{peak / planned:.2f}{mark}"
         name = r["method"] + (" (torch kernels: Triton failed)" if "triton_error" in r else "")
         lines.append(f"| {r['model']} | {name} | {r.get('resolution') or 'toy'} | {r['seconds_per_step']:.2f} | "
-                     f"{g(run_peak)} | {g(planned)} | {ratio} | {g(mem)} | "
+                     f"{g(run_peak)} | {g(r.get('setup_peak_gib'))} | {g(train)} | {g(planned)} | {ratio} | {g(mem)} | "
                      f"{'–' if mem is None else ('yes' if r['fits_24gib'] else 'NO')} |")
+    for r in doc["methods"]:
+        if "peak_breakdown" in r:
+            b = r["peak_breakdown"]
+            lines += ["", f"{r['model']} {r['method']}: live at the peak of its memory history ({b['peak_gib']:.2f} GiB, "
+                      f"{b['allocations']} allocations), by allocating frame:", ""]
+            lines += [f"- {k}: {v:.3f} GiB" for k, v in b["by_frame_gib"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -234,6 +281,9 @@ def main(argv=None) -> int:
                     help="processes tracing the plans meanwhile (default: the CPU cores less two)")
     ap.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
     ap.add_argument("--skip", default="", help="comma-separated parts to leave out: kernels, plans")
+    ap.add_argument("--memory-history", default="",
+                    help="comma-separated methods whose CUDA memory history is recorded: the live allocations at "
+                         "their peak, by allocating frame, go in the report (slower: Python stacks per allocation)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.methods:
@@ -244,7 +294,7 @@ def main(argv=None) -> int:
         for m in MODELS:
             MODELS[m] = (MODELS[m][0], [x for x in MODELS[m][1] if x in keep])
     if a.child:
-        method_child(a.child, a.dry, a.steps, MODELS[a.child][1])
+        method_child(a.child, a.dry, a.steps, MODELS[a.child][1], history=a.memory_history.split(","))
         return 0
     if not a.dry and not torch.cuda.is_available():
         ap.error("no CUDA device: run with --dry on the CPU")
@@ -268,7 +318,7 @@ def main(argv=None) -> int:
         # Each model gets its share of what is left (less a margin for the report); what it does not use
         # goes to the next.
         left = deadline - 15 - time.monotonic()
-        doc["methods"] += run_methods(m, a.dry, a.steps, time.monotonic() + SHARE[m] * left)
+        doc["methods"] += run_methods(m, a.dry, a.steps, time.monotonic() + SHARE[m] * left, a.memory_history)
         print(f"{m} done at {time.monotonic() - t0:.0f} s", flush=True)
     for r in doc["methods"]:
         f = futures.get((r["model"], r["method"]))

@@ -176,6 +176,11 @@ class Trainer:
                 torch.cuda.reset_peak_memory_stats()
             run, m = self.build(device)
             offload.move_encoders(self.model_arg)
+            # Two peaks: the set-up's (the run's UNet next to the text encoders and VAE that encode its data) and
+            # training's (what the planner plans, the encoders gone); on the CPU both read the process's peak so far.
+            self.setup_peak = _peak_memory(run.device)
+            if run.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(run.device)
             with self.switched_on(run, m) as dp:
                 history = self._train(run, m, dp)
             return self._result(run, m, history, dp, time.perf_counter() - t_start)
@@ -251,12 +256,14 @@ class Trainer:
 
     def _result(self, run, m, history: list, dp, seconds: float) -> Result:
         c = self.cfg
+        train_peak = _peak_memory(run.device)
         meta = {
             "fastunlearn_version": __version__, "torch_version": torch.__version__, "python": platform.python_version(),
             "steps": len(history), "max_steps": c.steps,  # steps run: fewer than the cap when a stopping rule ended it
             "batch_size": c.batch_size, "lr": c.lr, "seed": c.seed, "optimizer": c.optimizer,
             "lora_rank": c.lora_rank, "runtime": self.rt.as_dict(), "seconds": round(seconds, 3),
-            "peak_memory_bytes": _peak_memory(run.device), "forget": repr(self.forget)[:500],
+            "peak_memory_bytes": max(self.setup_peak, train_peak), "setup_peak_memory_bytes": self.setup_peak,
+            "train_peak_memory_bytes": train_peak, "forget": repr(self.forget)[:500],
             "skipped_steps": sum(1 for h in history if h.get("skipped")),
             "resumed_from_step": self.ckpt.resumed_from if self.ckpt is not None else None,
         }

@@ -63,8 +63,11 @@ def test_save_load_round_trip(tmp_path, tiny, digits_split):
                    lambd=0.4)
     out = res.save(tmp_path / "r")
     meta = json.loads((out / "fastunlearn.json").read_text())
-    for key in ("method", "options", "fastunlearn_version", "torch_version", "seconds", "peak_memory_bytes"):
+    for key in ("method", "options", "fastunlearn_version", "torch_version", "seconds", "peak_memory_bytes",
+                "setup_peak_memory_bytes", "train_peak_memory_bytes"):
         assert key in meta
+    # the run's peak is the larger of its set-up's and its training's (the process's peak so far on the CPU)
+    assert meta["peak_memory_bytes"] == max(meta["setup_peak_memory_bytes"], meta["train_peak_memory_bytes"]) > 0
     assert meta["options"]["lambd"] == 0.4
     back = fu.load(out)
     for (k, v), w in zip(res.model.state_dict().items(), back.model.state_dict().values()):

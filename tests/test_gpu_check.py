@@ -34,3 +34,28 @@ def test_gpu_check_rejects_an_unknown_method(tmp_path):
                            "--methods", "bogus"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 2 and "--methods" in proc.stderr
+
+
+def test_peak_breakdown_holds_what_was_live_at_the_highest_point():
+    # A CUDA memory history in torch's snapshot format: the peak is after the third allocation (6 MiB live);
+    # the later, larger-looking sequence never has more live at once.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_check import peak_breakdown
+
+    mib = 2**20
+    frame = lambda f, line: [{"filename": f"/x/site-packages/{f}", "line": line, "name": "fn"},  # noqa: E731
+                             {"filename": "/x/torch/nn/modules/module.py", "line": 1, "name": "_call_impl"}]
+    events = [
+        {"action": "alloc", "addr": 1, "size": 1 * mib, "frames": frame("fastunlearn/roles.py", 10)},
+        {"action": "alloc", "addr": 2, "size": 2 * mib, "frames": frame("diffusers/models/attention.py", 20)},
+        {"action": "alloc", "addr": 3, "size": 3 * mib, "frames": frame("diffusers/models/attention.py", 20)},
+        {"action": "free_requested", "addr": 3, "size": 3 * mib, "frames": []},
+        {"action": "free_completed", "addr": 3, "size": 3 * mib, "frames": []},
+        {"action": "free_completed", "addr": 2, "size": 2 * mib, "frames": []},
+        {"action": "alloc", "addr": 4, "size": 4 * mib, "frames": frame("peft/tuners/lora/layer.py", 30)},
+        {"action": "free_completed", "addr": 99, "size": 8 * mib, "frames": []},  # made before the history began
+    ]
+    b = peak_breakdown({"device_traces": [events]})
+    assert b["peak_gib"] == round(6 * mib / 2**30, 3) and b["allocations"] == 3
+    assert list(b["by_frame_gib"]) == ["models/attention.py:20 fn", "fastunlearn/roles.py:10 fn"]
+    assert b["by_frame_gib"]["models/attention.py:20 fn"] == round(5 * mib / 2**30, 3)
