@@ -161,7 +161,7 @@ def method_child(model: str, dry: bool, steps: int, methods, history=()) -> None
             print(f"{model} {method} ...", file=sys.stderr, flush=True)
             snap: dict = {}
             if method in history and device == "cuda":
-                torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+                torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
                 # the history up to the last step's end: set-up and training, not the result's assembly
                 tg["callback"] = lambda step, view: snap.update(s=torch.cuda.memory._snapshot()) \
                     if step == steps else None  # step: steps done
