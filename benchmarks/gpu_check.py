@@ -12,8 +12,10 @@ It writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out`` (default ``benchm
 * methods: ``erase()`` for every method on SD 1.5 (512 px) and SDXL (1024 px), random weights of the real
   architecture (``benchmarks/real_arch.build_pipeline``), LoRA rank 16, bf16, gradient checkpointing, 8-bit
   AdamW (bitsandbytes) and xformers where installed (else AdamW, SDPA), batch 1, a few steps: seconds per
-  step (median after the first), ``torch.cuda.max_memory_allocated`` over the run, the planner's peak for the
-  same configuration (``fastunlearn.plan``, traced meanwhile on the CPU cores) and whether 24 GiB holds.
+  step (median after the first), ``torch.cuda.max_memory_allocated`` over the set-up and over training, the
+  planner's peak for the same configuration (``fastunlearn.plan``, traced meanwhile on the CPU cores) and whether
+  24 GiB holds, with the allocator capped at ``--vram`` (24 GiB by default) so that a larger card cannot hide a
+  run that would not fit; ``--memory-history METHODS`` lists what is live at those runs' peaks.
 
 Robust and bounded: each model's methods run in a child process that reports one JSON line per method (a
 failure is recorded with its error and the next method runs); the child is stopped at ``--budget`` seconds
@@ -139,13 +141,19 @@ def peak_breakdown(snapshot: dict, top: int = 25) -> dict:
             "by_frame_gib": {k: round(v / GiB, 3) for k, v in rows}}
 
 
-def method_child(model: str, dry: bool, steps: int, methods, history=()) -> None:
+def method_child(model: str, dry: bool, steps: int, methods, history=(), vram: float = 0.0) -> None:
     """Child process: build the pipeline once, run each method, print one ``ROW {json}`` line per method.
-    ``history``: methods whose CUDA memory history is recorded, for ``peak_breakdown`` of their run."""
+    ``history``: methods whose CUDA memory history is recorded, for ``peak_breakdown`` of their run. ``vram``
+    (GiB, 0: the whole card): the caching allocator is capped there, so a run that needs more fails with an
+    out-of-memory error instead of being read off a larger card, and the libraries that size their workspaces
+    by the free memory (cuDNN's convolution algorithms) see what such a card has."""
     import fastunlearn as fu
     from real_arch import build_pipeline, targets
 
     device = "cpu" if dry else "cuda"
+    if device == "cuda" and vram:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, vram * GiB / total))
     res_px = None if dry else MODELS[model][0]
     pipe = build_pipeline(model, device=device, tiny=dry)
     cfg = run_config(dry)
@@ -204,10 +212,10 @@ def method_child(model: str, dry: bool, steps: int, methods, history=()) -> None
         print("ROW " + json.dumps(row), flush=True)
 
 
-def run_methods(model: str, dry: bool, steps: int, deadline: float, history: str = "") -> list:
+def run_methods(model: str, dry: bool, steps: int, deadline: float, history: str = "", vram: float = 0.0) -> list:
     methods = MODELS[model][1]
     cmd = [sys.executable, __file__, "--child", model, "--steps", str(steps), "--methods", ",".join(methods),
-           "--memory-history", history] + (["--dry"] if dry else [])
+           "--memory-history", history, "--vram", str(vram)] + (["--dry"] if dry else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     why = "child exited with {rc}"
     try:
@@ -241,6 +249,10 @@ def markdown(doc: dict) -> str:
         f = lambda key: f"{k[key]:.3f}" if key in k else "–"  # noqa: E731
         lines.append(f"| {k['kernel']} | {f('eager_ms')} | {f('compile_ms')} | {f('triton_ms')} | "
                      f"{'yes' if k.get('triton_matches_reference') else '–'} |")
+    cap = doc.get("vram_cap_gib")
+    lines += ["", f"Runs capped at {cap:g} GiB (`torch.cuda.set_per_process_memory_fraction`): a run that needs more "
+              "fails with out-of-memory, and cuDNN sizes its workspaces for such a card." if cap else
+              "Runs on the whole card (no cap)."]
     lines += ["", "`torch.cuda.max_memory_allocated` over erase()'s set-up (the run's UNet next to the text encoders and "
               "VAE that encode its data) and over its training (the encoders and VAE gone: what the planner plans, "
               "*planned*; *ratio* = training / planned); *call max*: the whole call, which also holds the caller's "
@@ -281,6 +293,8 @@ def main(argv=None) -> int:
                     help="processes tracing the plans meanwhile (default: the CPU cores less two)")
     ap.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
     ap.add_argument("--skip", default="", help="comma-separated parts to leave out: kernels, plans")
+    ap.add_argument("--vram", type=float, default=24.0,
+                    help="GiB the runs may allocate (the card the claims are about; 0: the whole card)")
     ap.add_argument("--memory-history", default="",
                     help="comma-separated methods whose CUDA memory history is recorded: the live allocations at "
                          "their peak, by allocating frame, go in the report (slower: Python stacks per allocation)")
@@ -294,7 +308,7 @@ def main(argv=None) -> int:
         for m in MODELS:
             MODELS[m] = (MODELS[m][0], [x for x in MODELS[m][1] if x in keep])
     if a.child:
-        method_child(a.child, a.dry, a.steps, MODELS[a.child][1], history=a.memory_history.split(","))
+        method_child(a.child, a.dry, a.steps, MODELS[a.child][1], history=a.memory_history.split(","), vram=a.vram)
         return 0
     if not a.dry and not torch.cuda.is_available():
         ap.error("no CUDA device: run with --dry on the CPU")
@@ -311,14 +325,15 @@ def main(argv=None) -> int:
     skip = set(filter(None, a.skip.split(",")))
     futures = {} if "plans" in skip else {(m, meth): pool.submit(_plan, m, meth, px, a.dry) for m, meth, px in jobs}
     doc = {"device": "cpu" if a.dry else torch.cuda.get_device_name(0), "mode": "dry" if a.dry else "gpu",
-           "torch": torch.__version__, "config": run_config(a.dry), "kernels": [] if "kernels" in skip else check_kernels(a.dry, repeats=2 if a.dry else 20),
+           "torch": torch.__version__, "config": run_config(a.dry), "vram_cap_gib": None if a.dry else a.vram or None, "kernels": [] if "kernels" in skip else check_kernels(a.dry, repeats=2 if a.dry else 20),
            "methods": []}
     print(f"kernels checked at {time.monotonic() - t0:.0f} s", flush=True)
     for m in MODELS:
         # Each model gets its share of what is left (less a margin for the report); what it does not use
         # goes to the next.
         left = deadline - 15 - time.monotonic()
-        doc["methods"] += run_methods(m, a.dry, a.steps, time.monotonic() + SHARE[m] * left, a.memory_history)
+        doc["methods"] += run_methods(m, a.dry, a.steps, time.monotonic() + SHARE[m] * left, a.memory_history,
+                                    a.vram)
         print(f"{m} done at {time.monotonic() - t0:.0f} s", flush=True)
     for r in doc["methods"]:
         f = futures.get((r["model"], r["method"]))
