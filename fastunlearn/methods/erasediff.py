@@ -166,6 +166,11 @@ FORGET_TARGETS = ("relabel", "uniform")
 MAX_GENERATE = 65536  # generated images per side: a typo (1e6) would cost days, not a clear error
 DEFAULT_FORGET_TOL = 0.2  # the stopping rule's tolerance (module docstring: measured on every digit)
 STOP_WINDOW = 20  # steps whose mean L_f the stopping rule reads
+# Loss-aware retain sampling (``retain_focus``): decay per step of the per-class retain-loss averages, the share of
+# the retain rows drawn class-uniformly, and the setup's baseline: timestep bins × rows per bin per kept class.
+FOCUS_DECAY = 0.95
+FOCUS_UNIFORM = 0.5
+FOCUS_BINS, FOCUS_ROWS = 10, 32
 LAMBDA_RULES = ("fixed", "adaptive", "bome")
 
 
@@ -228,6 +233,14 @@ class EraseDiffOptions(Options):
         None, "stop once L_f (mean of the last 20 steps) is at most forget_tol × L_f at the start, steps being the "
         "cap; None: %g on class-conditional models with the relabel target, off elsewhere; 0: off (every step, as "
         "the official code)" % DEFAULT_FORGET_TOL, _check_tol)
+    retain_batch_size: Optional[int] = option(
+        None, "retain rows per step (None: the batch size, as the forget rows and the official code); more rows "
+        "give L_r a lower-variance gradient. The first batch-size retain rows share the forget rows' timesteps",
+        integer(allow_none=True, lo=1))
+    retain_focus: float = option(
+        0.0, "loss-aware retain sampling on class models: draw the retain rows' classes with probability "
+        "(1-%g)/K + %g·r_k^β/Σr^β, r_k the class's running retain loss over its loss at setup, β = retain_focus; "
+        "0: rows uniformly (the official sampling)" % (FOCUS_UNIFORM, FOCUS_UNIFORM), positive(allow_zero=True))
     ema: Union[None, str, float] = option(
         None, "EMA of the weights: None (off), 'official' (0.99 on pixel models, off on text models) or a decay",
         _check_ema)
@@ -348,6 +361,12 @@ class EraseDiff(Method):
                             o["forget_tol"])
         else:
             self.forget_tol = 0.0
+        self.focus = None
+        if o["retain_focus"]:
+            if self.kind != "class":
+                raise bad_value("retain_focus", "0 here: loss-aware retain sampling reads the retain rows' class "
+                                "labels (class-conditional models)", o["retain_focus"])
+            self._setup_focus()
         self.ema = None
         decay = o["ema"] if o["ema"] != "official" else (None if self.kind == "text" else self.OFFICIAL_EMA)
         if decay is not None:
@@ -380,6 +399,64 @@ class EraseDiff(Method):
             ref = eps[-n:].float()
             dist += ((eps[:-n].float().view(len(others), n, -1) - ref.view(1, n, -1)) ** 2).mean((1, 2)).double().cpu()
         return {int(k): float(d / draws) for k, d in zip(others, dist)}
+
+    @torch.no_grad()
+    def _setup_focus(self):
+        """Loss-aware retain sampling: the kept classes, their rows, and each class's retain loss at setup per
+        timestep bin (``FOCUS_BINS`` bins × ``FOCUS_ROWS`` rows, from a generator seeded from the run's seed, so a
+        resumed run measures the same baseline)."""
+        run = self.run
+        x0, labels = run.retain
+        classes = torch.unique(labels.cpu())
+        order = torch.argsort(labels.cpu(), stable=True)
+        counts = torch.stack([(labels.cpu() == k).sum() for k in classes])
+        K, T = len(classes), run.num_train_timesteps
+        gen = torch.Generator().manual_seed(self._data_seed + 3)
+        base = torch.zeros(K, FOCUS_BINS, dtype=torch.float64)
+        edges = torch.linspace(0, T, FOCUS_BINS + 1).long()
+        for b in range(FOCUS_BINS):
+            t = torch.randint(int(edges[b]), int(edges[b + 1]), (K * FOCUS_ROWS,), generator=gen)
+            pick = torch.randint(0, 2**62, (K * FOCUS_ROWS,), generator=gen)
+            cls = torch.arange(K).repeat_interleave(FOCUS_ROWS)
+            offset = torch.cumsum(counts, 0) - counts
+            rows = order[offset[cls] + pick % counts[cls]]
+            noise = torch.randn((K * FOCUS_ROWS, *x0.shape[1:]), generator=gen)
+            gamma, sigma = run.gamma_sigma(t)
+            xb, cb, tb, nb = run.to_device(x0[rows], labels[rows], t, noise)
+            x_t = run.bview(gamma.to(run.device), xb) * xb + run.bview(sigma.to(run.device), xb) * nb
+            eps = self._eps_base(x_t.to(run.dtype), tb, cb).float()
+            per_row = ((eps - nb.float()) ** 2).flatten(1).mean(1).double().cpu()
+            base[:, b] = per_row.view(K, FOCUS_ROWS).mean(1)
+        self.focus = dict(classes=classes, order=order, counts=counts, offset=torch.cumsum(counts, 0) - counts,
+                          base=base, edges=edges, index={int(k): i for i, k in enumerate(classes)})
+        # decayed sums of (row loss / its class's loss at setup in the row's t bin) and of row counts, per class
+        self.focus_sum = torch.zeros(K, dtype=torch.float64)
+        self.focus_n = torch.zeros(K, dtype=torch.float64)
+
+    def focus_ratios(self) -> torch.Tensor:
+        """r_k: class k's running retain loss relative to its loss at setup (1 before any row of k was seen)."""
+        seen = self.focus_n > 0
+        return torch.where(seen, self.focus_sum / self.focus_n.clamp_min(1e-12), torch.ones_like(self.focus_sum))
+
+    def focus_probs(self) -> torch.Tensor:
+        """Class probabilities of the retain draw: (1 − u)/K + u · r_k^β / Σ r^β (u = ``FOCUS_UNIFORM``)."""
+        w = self.focus_ratios().clamp_min(1e-6) ** float(self.opts["retain_focus"])
+        K = len(w)
+        return (1.0 - FOCUS_UNIFORM) / K + FOCUS_UNIFORM * w / w.sum()
+
+    def _focus_update(self, labels, t, per_row):
+        """Fold one step's per-row retain losses (detached) into the per-class decayed averages."""
+        f = self.focus
+        labels, t, per_row = labels.cpu(), t.cpu(), per_row.detach().double().cpu()
+        ok = torch.isfinite(per_row)
+        if not ok.all():
+            labels, t, per_row = labels[ok], t[ok], per_row[ok]
+        cls = torch.tensor([f["index"][int(k)] for k in labels], dtype=torch.long)
+        b = (torch.bucketize(t, f["edges"][1:-1], right=True)).clamp(0, FOCUS_BINS - 1)
+        r = per_row / f["base"][cls, b]
+        K = len(f["classes"])
+        self.focus_sum.mul_(FOCUS_DECAY).index_add_(0, cls, r)
+        self.focus_n.mul_(FOCUS_DECAY).index_add_(0, cls, torch.ones_like(r))
 
     def _eps_base(self, x, t, cond):
         """ε of the model at setup (no update yet), in eval mode."""
@@ -477,12 +554,24 @@ class EraseDiff(Method):
     def draw(self, gen: torch.Generator) -> dict:
         """Every random quantity of one step, drawn from ``gen`` in a fixed order."""
         run, B, T = self.run, self.run.batch_size, self.run.num_train_timesteps
-        keep, forget = run.retain_batch(gen, B), run.forget_batch(gen, B)
-        if self.opts["antithetic_t"]:
-            half = torch.randint(0, T, ((B + 1) // 2,), generator=gen)
-            t = torch.cat([half, T - 1 - half])[:B]
-        else:
-            t = torch.randint(0, T, (B,), generator=gen)
+        Br = self.opts["retain_batch_size"] or B
+        if self.focus is None:
+            keep = run.retain_batch(gen, Br)
+        else:  # loss-aware: classes from focus_probs (a function of the history), then a row of each class
+            f = self.focus
+            cls = torch.multinomial(self.focus_probs(), Br, replacement=True, generator=gen)
+            pick = torch.randint(0, 2**62, (Br,), generator=gen)
+            keep = run._take(run.retain, f["order"][f["offset"][cls] + pick % f["counts"][cls]])
+        forget = run.forget_batch(gen, B)
+
+        def timesteps(n):
+            if self.opts["antithetic_t"]:
+                half = torch.randint(0, T, ((n + 1) // 2,), generator=gen)
+                return torch.cat([half, T - 1 - half])[:n]
+            return torch.randint(0, T, (n,), generator=gen)
+
+        t = timesteps(B)  # the forget rows' t, shared by the first B retain rows (the official L_du uses one t)
+        t_r = t if Br == B else (t[:Br] if Br < B else torch.cat([t, timesteps(Br - B)]))
         noise_r = torch.randn(keep.x0.shape, generator=gen)
         if self.forget_target == "uniform":
             noise_f = torch.rand(forget.x0.shape, generator=gen)  # ε_f ~ U[0, 1): input noise and target
@@ -495,26 +584,34 @@ class EraseDiff(Method):
                 relabel = self.others[torch.randint(0, len(self.others), (n,), generator=gen)].expand(B).clone()
             else:
                 relabel = take_cond(self.anchor, torch.zeros(B, dtype=torch.long))
-        return dict(keep=keep, forget=forget, t=t, noise_r=noise_r, noise_f=noise_f, relabel=relabel)
+        return dict(keep=keep, forget=forget, t=t_r, t_f=t, noise_r=noise_r, noise_f=noise_f, relabel=relabel)
 
     def losses(self, d: dict):
         """(L_r, L_f) from one concatenated forward; the relabel target from a separate no-grad forward
         (it needs no activations kept for backward, so batching it in would only cost memory)."""
         run = self.run
-        keep, forget, t, noise_r, noise_f, relabel = run.to_device(
-            d["keep"], d["forget"], d["t"], d["noise_r"], d["noise_f"], d["relabel"])
-        gamma, sigma = run.gamma_sigma(d["t"])
-        g, s = run.bview(gamma.to(run.device), noise_r), run.bview(sigma.to(run.device), noise_r)
-        x_r = g * keep.x0 + s * noise_r
-        x_f = g * forget.x0 + s * noise_f
+        t_f = d.get("t_f", d["t"])
+        keep, forget, t, t_f, noise_r, noise_f, relabel = run.to_device(
+            d["keep"], d["forget"], d["t"], t_f, d["noise_r"], d["noise_f"], d["relabel"])
+
+        def noised(x0, noise, steps):
+            gamma, sigma = run.gamma_sigma(steps)
+            return run.bview(gamma.to(run.device), noise) * x0 + run.bview(sigma.to(run.device), noise) * noise
+
+        x_r = noised(keep.x0, noise_r, d["t"])
+        x_f = noised(forget.x0, noise_f, d.get("t_f", d["t"]))
         B = x_r.shape[0]
-        pred = run.denoiser(torch.cat([x_r, x_f]).to(run.dtype), torch.cat([t, t]), cat_cond(keep.cond, forget.cond))
+        pred = run.denoiser(torch.cat([x_r, x_f]).to(run.dtype), torch.cat([t, t_f]), cat_cond(keep.cond, forget.cond))
         pred_r, pred_f = pred[:B], pred[B:]
         if self.forget_target == "uniform":
             target_f = noise_f
         else:
             with torch.no_grad():
-                target_f = run.denoiser(x_f.to(run.dtype), t, relabel)
+                target_f = run.denoiser(x_f.to(run.dtype), t_f, relabel)
+        if self.focus is not None:  # per-row retain losses for the sampling statistics only (no extra forward)
+            with torch.no_grad():
+                per_row = ((pred_r.detach().float() - noise_r.float()) ** 2).flatten(1).mean(1)
+            self._focus_update(keep.cond, d["t"], per_row)
         return ops.mse_loss(pred_r, noise_r), ops.mse_loss(pred_f, target_f.detach())
 
     def step(self, step, gen):
@@ -542,6 +639,9 @@ class EraseDiff(Method):
             stats = {"grad_norm_r": math.sqrt(max(nr2, 0.0)), "grad_norm_f": math.sqrt(max(nf2, 0.0)),
                      "grad_cos": dot / (math.sqrt(max(nr2, 0.0) * max(nf2, 0.0)) + 1e-8),
                      "grad_norm": math.sqrt(max(norm_sq, 0.0)), "clip": clip}
+        if self.focus is not None:  # the most-pulled kept class's running loss ratio and draw probability
+            stats = {**stats, "focus_ratio_max": float(self.focus_ratios().max()),
+                     "focus_prob_max": float(self.focus_probs().max())}
         return {"loss": loss_r.item() + lam * loss_f.item(), "loss_r": loss_r.item(), "loss_f": loss_f.item(),
                 "lambd": lam, **stats}
 
@@ -554,13 +654,20 @@ class EraseDiff(Method):
         return len(recent) == STOP_WINDOW and sum(recent) / STOP_WINDOW <= self.forget_tol * self.forget_loss_start
 
     # The EMA copy travels with checkpoints, so a resumed run ends with the same EMA weights.
+    # So do the loss-aware sampling's per-class averages, so a resumed run draws the same retain rows.
     def state_dict(self):
-        return {"ema": list(self.ema)} if self.ema is not None else {}
+        state = {"ema": list(self.ema)} if self.ema is not None else {}
+        if self.focus is not None:
+            state["focus"] = [self.focus_sum.clone(), self.focus_n.clone()]
+        return state
 
     def load_state_dict(self, state):
         if state and self.ema is not None:
             for e, v in zip(self.ema, state["ema"]):
                 e.copy_(v)
+        if state and self.focus is not None and "focus" in state:
+            self.focus_sum.copy_(state["focus"][0])
+            self.focus_n.copy_(state["focus"][1])
 
     def finish(self, result):
         """With the EMA on, the result is the EMA copy (the official code samples and saves it)."""
@@ -570,6 +677,9 @@ class EraseDiff(Method):
             result.extras["relabel"] = int(self.others[0])
             if hasattr(self, "relabel_distances"):
                 result.extras["relabel_distances"] = self.relabel_distances
+        if self.focus is not None:
+            result.extras["retain_focus_ratios"] = {int(k): round(float(r), 4) for k, r in
+                                                    zip(self.focus["classes"], self.focus_ratios())}
         result.extras["ema"] = self.ema_decay if self.ema is not None else None
         if self.generated:  # what setup generated (fastunlearn.generation): rows, steps, UNet evaluations, cache
             result.extras["generated"] = {k: r.as_dict() for k, r in self.generated.items()}
