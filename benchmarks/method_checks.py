@@ -93,9 +93,7 @@ def erasediff_sweep(digits=range(10), out=None, **options):
         res, sec = timed(lambda: fu.erase(unet, forget=forget, retain=retain, method="erasediff", scheduler=sched,
                                           progress=False, **options))
         rows.append(judge(res, sched, before, d, sec, f"erasediff {options or 'defaults'}",
-                          target=res.extras.get("relabel"), stopped_at=res.extras.get("stopped_at"),
-                          **({"focus_ratios": res.extras["retain_focus_ratios"]}
-                             if "retain_focus_ratios" in res.extras else {})))
+                          target=res.extras.get("relabel"), stopped_at=res.extras.get("stopped_at")))
     forget = max(r["forget_after"] for r in rows)
     kept = min(rows, key=lambda r: r["kept_min"])
     print(f"worst forget rate {forget:.2f}; worst kept ratio {kept['kept_min']:.3f} (digit {kept['worst_kept_digit']} "

@@ -211,57 +211,6 @@ def test_retain_batch_size_draws_more_retain_rows_sharing_the_forget_timesteps(t
     assert all(torch.equal(a[k], b[k]) for k in ("t", "noise_r", "noise_f")) and torch.equal(a["keep"].x0, b["keep"].x0)
 
 
-def test_retain_focus_draws_classes_by_their_running_loss_ratio(tiny, digits_split):
-    """retain_focus=β: each step's per-row retain losses (no extra forward), over their class's loss at setup in the
-    row's t bin, feed per-class decayed averages r_k; the retain rows' classes are drawn with probability
-    (1 − u)/K + u·r_k^β/Σr^β, so a class whose loss rose is drawn more, and every class keeps being drawn."""
-    from fastunlearn.methods.erasediff import FOCUS_UNIFORM
-
-    forget, retain = digits_split
-    run = _run(tiny, forget, retain, B=8)
-    m = _method(run, retain_focus=4.0)
-    K = len(m.focus["classes"])
-    assert K == len(torch.unique(run.retain[1])) and torch.allclose(m.focus_probs(), torch.full((K,), 1.0 / K,
-                                                                                            dtype=torch.float64))
-    m.focus_sum[:] = m.focus_n[:] = 1.0
-    m.focus_sum[2] = 2.0  # class index 2's loss doubled since setup
-    p = m.focus_probs()
-    w = torch.ones(K, dtype=torch.float64)
-    w[2] = 2.0 ** 4
-    torch.testing.assert_close(p, (1 - FOCUS_UNIFORM) / K + FOCUS_UNIFORM * w / w.sum())
-    drawn = torch.cat([m.draw(step_generator(0, s))["keep"].cond for s in range(40)])
-    share = (drawn == m.focus["classes"][2]).float().mean().item()
-    assert share > 2.0 / K and all((drawn == k).any() for k in m.focus["classes"])
-    # a step folds its rows in: the statistics move only for the classes it drew
-    m2 = _method(run, retain_focus=4.0)
-    d = m2.draw(step_generator(0, 0))
-    m2.step(0, step_generator(0, 0))
-    seen = torch.isin(m2.focus["classes"], d["keep"].cond)
-    assert (m2.focus_n[seen] > 0).all() and (m2.focus_n[~seen] == 0).all()
-    assert "focus_ratio_max" in m2.step(1, step_generator(0, 1))
-
-
-def test_retain_focus_resumes_exactly(tiny, digits_split, tmp_path, monkeypatch):
-    """The per-class averages travel with the checkpoint: a run crashed after step 2 and resumed draws the same
-    retain rows and ends with the same weights as one run."""
-    from helpers.runs import crash_at
-
-    forget, retain = digits_split
-    unet, sched = tiny
-    kw = dict(forget=forget, retain=retain, method="erasediff", scheduler=sched, steps=5, batch_size=4,
-              retain_focus=8.0, forget_tol=0, progress=False)
-    reference = fu.erase(unet, **kw)
-    undo = crash_at(monkeypatch, "erasediff", 3)
-    with pytest.raises(KeyboardInterrupt):
-        fu.erase(unet, output_dir=tmp_path, checkpoint_every=2, **kw)
-    undo()
-    resumed = fu.erase(unet, output_dir=tmp_path, resume=True, **kw)
-    assert resumed.meta["resumed_from_step"] == 2
-    assert [h["focus_prob_max"] for h in resumed.history] == [h["focus_prob_max"] for h in reference.history]
-    ref, got = reference.model.state_dict(), resumed.model.state_dict()
-    assert all(torch.equal(ref[k], got[k]) for k in ref)
-
-
 def test_ema_copy_is_what_the_result_holds(tiny, digits_split):
     """ema=μ: ema ← μ·ema + (1 − μ)·θ after every optimizer step, starting from the input weights, and the
     result's weights are the EMA copy (the official DDPM code samples and saves it)."""
@@ -407,7 +356,6 @@ def test_unconditional_model_needs_the_uniform_target(make_tiny_unet, digits_spl
     (dict(forget_tol=-0.1), "forget_tol"),
     (dict(forget_tol=0.2, forget_target="uniform"), "forget_tol"),  # no L_f(θ_0) to compare with
     (dict(retain_batch_size=0), "retain_batch_size"),
-    (dict(retain_focus=-1.0), "retain_focus"),
     (dict(lamda=0.1), "lamda"),
 ])
 def test_bad_options_name_the_option(tiny, digits_split, opts, name):

@@ -119,25 +119,22 @@ Tolerances 0.15 and 0.1 reach ≤ 2% everywhere but cost look-alike kept digits 
 when forgetting 8: down to 92.6-93.8%), so no tolerance meets "≤ 2% forgotten, ≥ 95% kept" on every digit; 0.2
 stays (the fewest misses, the fewest steps).
 
-Retain side (``retain_batch_size``, ``retain_focus``; both off by default). ``retain_batch_size`` draws that many
-retain rows per step instead of the batch size (the first batch-size rows share the forget rows' t; L_r stays their
-mean, so only its variance changes); ``retain_focus`` = β > 0 draws the retain rows' classes by their loss: each
-step's per-row retain losses (from the step's own forward), over the class's loss at setup in the row's t bin (10
-bins × 32 rows per class, one no-grad pass), feed per-class averages r_k decayed by 0.95 per step (they travel with
-checkpoints), and class k is drawn with probability 0.5/K + 0.5·r_k^β/Σr^β. Measured with ``forget_tol=0.15``
-(``benchmarks/results/erasediff_retain.md``; 100 samples per label, forget after / worst kept ratio (digit) /
-steps): 64 retain rows reach ≤ 2% on every digit and stop sooner (digit 8: 0% / 96.9% (9) / 196, was 263 steps;
-7: 0% / 98.0% (8) / 214; 9: 0% / 95.8% (3) / 146; 2: 2% / 98.0% (7) / 170), but forgetting 0 keeps digit 3 at
-93.7% (the only miss of the ten; at 300 samples digit 9 at 93.4%, where plain 0.15 keeps 98.3%, while the
-300-sample misses of plain 0.15 are gone: 3 → 5 96.5%, 6 → 1 97.7%, 8 → 9 98.3%); 128 rows: ≤ 1% on every digit,
-worst kept 96.8-98.9% on 7, 8, 9, 2, 1, 3, 5, 6, but 0 → digit 3 93.7% and 4 → digit 3 94.7%. 95 of digit 3's 100
-samples are recognised before, so these two are two and one samples under the 95% line. The loss ratios do not single out the damaged class either (forgetting 0: digit 3's
-r = 1.1166, mid-range of 1.0394-1.1457), and β = 4 with 64 rows kept digit 3 at 91.6% when forgetting 0. So no
-retain option meets the goal on all ten digits and the defaults stay; ``retain_batch_size=64, forget_tol=0.15`` is
-the closest (one miss). Why 64 rows stop sooner (digit 0: 179 steps, 212 without): not the clip (its factor is 1 in
-both runs, gradient norm 0.20 vs 0.26), but L_f falls faster per step (mean 0.0292 vs 0.0384 over steps 50-100),
-presumably because Adam divides by a second moment that the retain noise had inflated; slowed down with lr 3e-5,
-64 rows keep digit 3 at 94.7% when forgetting 0 (299 steps), still one sample short.
+Retain side (``retain_batch_size``, off by default). ``retain_batch_size`` draws that many retain rows per step
+instead of the batch size (the first batch-size rows share the forget rows' t; L_r stays their mean, so only its
+variance changes). Measured with ``forget_tol=0.15`` (``benchmarks/results/erasediff_retain.md``; 100 samples per
+label, forget after / worst kept ratio (digit) / steps): 64 retain rows reach ≤ 2% on every digit and stop sooner
+(digit 8: 0% / 96.9% (9) / 196, was 263 steps; 7: 0% / 98.0% (8) / 214; 9: 0% / 95.8% (3) / 146; 2: 2% / 98.0% (7)
+/ 170), but forgetting 0 keeps digit 3 at 93.7% (the only miss of the ten; at 300 samples digit 9 at 93.4%, where
+plain 0.15 keeps 98.3%, while the 300-sample misses of plain 0.15 are gone: 3 → 5 96.5%, 6 → 1 97.7%, 8 → 9 98.3%);
+128 rows: ≤ 1% on every digit, but 0 → digit 3 93.7% and 4 → digit 3 94.7% (95 of digit 3's 100 samples are
+recognised before, so two and one samples under the 95% line). So the closest setting is ``retain_batch_size=64,
+forget_tol=0.15`` (one miss) and the defaults stay. Why 64 rows stop sooner (digit 0: 179 steps, 212 without): not
+the clip (its factor is 1 in both runs, gradient norm 0.20 vs 0.26), but L_f falls faster per step (mean 0.0292 vs
+0.0384 over steps 50-100), presumably because Adam divides by a second moment that the retain noise had inflated;
+slowed down with lr 3e-5, 64 rows keep digit 3 at 94.7% when forgetting 0 (299 steps), still one sample short.
+Loss-aware retain sampling (drawing the kept classes by their running retain loss over its value at setup) was
+tried on a branch and not kept: the loss ratios did not single out the damaged class (forgetting 0: digit 3's
+1.1166 within 1.0394-1.1457), and with 64 rows it kept digit 3 at 91.6% when forgetting 0.
 
 EMA (``ema``). The official DDPM code keeps an EMA of the weights (μ = 0.99, updated after every outer
 step, starting from the input weights) and samples and saves that copy; the SD scripts keep none.
@@ -186,11 +183,6 @@ FORGET_TARGETS = ("relabel", "uniform")
 MAX_GENERATE = 65536  # generated images per side: a typo (1e6) would cost days, not a clear error
 DEFAULT_FORGET_TOL = 0.2  # the stopping rule's tolerance (module docstring: measured on every digit)
 STOP_WINDOW = 20  # steps whose mean L_f the stopping rule reads
-# Loss-aware retain sampling (``retain_focus``): decay per step of the per-class retain-loss averages, the share of
-# the retain rows drawn class-uniformly, and the setup's baseline: timestep bins × rows per bin per kept class.
-FOCUS_DECAY = 0.95
-FOCUS_UNIFORM = 0.5
-FOCUS_BINS, FOCUS_ROWS = 10, 32
 LAMBDA_RULES = ("fixed", "adaptive", "bome")
 
 
@@ -257,10 +249,6 @@ class EraseDiffOptions(Options):
         None, "retain rows per step (None: the batch size, as the forget rows and the official code); more rows "
         "give L_r a lower-variance gradient. The first batch-size retain rows share the forget rows' timesteps",
         integer(allow_none=True, lo=1))
-    retain_focus: float = option(
-        0.0, "loss-aware retain sampling on class models: draw the retain rows' classes with probability "
-        "(1-%g)/K + %g·r_k^β/Σr^β, r_k the class's running retain loss over its loss at setup, β = retain_focus; "
-        "0: rows uniformly (the official sampling)" % (FOCUS_UNIFORM, FOCUS_UNIFORM), positive(allow_zero=True))
     ema: Union[None, str, float] = option(
         None, "EMA of the weights: None (off), 'official' (0.99 on pixel models, off on text models) or a decay",
         _check_ema)
@@ -381,12 +369,6 @@ class EraseDiff(Method):
                             o["forget_tol"])
         else:
             self.forget_tol = 0.0
-        self.focus = None
-        if o["retain_focus"]:
-            if self.kind != "class":
-                raise bad_value("retain_focus", "0 here: loss-aware retain sampling reads the retain rows' class "
-                                "labels (class-conditional models)", o["retain_focus"])
-            self._setup_focus()
         self.ema = None
         decay = o["ema"] if o["ema"] != "official" else (None if self.kind == "text" else self.OFFICIAL_EMA)
         if decay is not None:
@@ -419,64 +401,6 @@ class EraseDiff(Method):
             ref = eps[-n:].float()
             dist += ((eps[:-n].float().view(len(others), n, -1) - ref.view(1, n, -1)) ** 2).mean((1, 2)).double().cpu()
         return {int(k): float(d / draws) for k, d in zip(others, dist)}
-
-    @torch.no_grad()
-    def _setup_focus(self):
-        """Loss-aware retain sampling: the kept classes, their rows, and each class's retain loss at setup per
-        timestep bin (``FOCUS_BINS`` bins × ``FOCUS_ROWS`` rows, from a generator seeded from the run's seed, so a
-        resumed run measures the same baseline)."""
-        run = self.run
-        x0, labels = run.retain
-        classes = torch.unique(labels.cpu())
-        order = torch.argsort(labels.cpu(), stable=True)
-        counts = torch.stack([(labels.cpu() == k).sum() for k in classes])
-        K, T = len(classes), run.num_train_timesteps
-        gen = torch.Generator().manual_seed(self._data_seed + 3)
-        base = torch.zeros(K, FOCUS_BINS, dtype=torch.float64)
-        edges = torch.linspace(0, T, FOCUS_BINS + 1).long()
-        for b in range(FOCUS_BINS):
-            t = torch.randint(int(edges[b]), int(edges[b + 1]), (K * FOCUS_ROWS,), generator=gen)
-            pick = torch.randint(0, 2**62, (K * FOCUS_ROWS,), generator=gen)
-            cls = torch.arange(K).repeat_interleave(FOCUS_ROWS)
-            offset = torch.cumsum(counts, 0) - counts
-            rows = order[offset[cls] + pick % counts[cls]]
-            noise = torch.randn((K * FOCUS_ROWS, *x0.shape[1:]), generator=gen)
-            gamma, sigma = run.gamma_sigma(t)
-            xb, cb, tb, nb = run.to_device(x0[rows], labels[rows], t, noise)
-            x_t = run.bview(gamma.to(run.device), xb) * xb + run.bview(sigma.to(run.device), xb) * nb
-            eps = self._eps_base(x_t.to(run.dtype), tb, cb).float()
-            per_row = ((eps - nb.float()) ** 2).flatten(1).mean(1).double().cpu()
-            base[:, b] = per_row.view(K, FOCUS_ROWS).mean(1)
-        self.focus = dict(classes=classes, order=order, counts=counts, offset=torch.cumsum(counts, 0) - counts,
-                          base=base, edges=edges, index={int(k): i for i, k in enumerate(classes)})
-        # decayed sums of (row loss / its class's loss at setup in the row's t bin) and of row counts, per class
-        self.focus_sum = torch.zeros(K, dtype=torch.float64)
-        self.focus_n = torch.zeros(K, dtype=torch.float64)
-
-    def focus_ratios(self) -> torch.Tensor:
-        """r_k: class k's running retain loss relative to its loss at setup (1 before any row of k was seen)."""
-        seen = self.focus_n > 0
-        return torch.where(seen, self.focus_sum / self.focus_n.clamp_min(1e-12), torch.ones_like(self.focus_sum))
-
-    def focus_probs(self) -> torch.Tensor:
-        """Class probabilities of the retain draw: (1 − u)/K + u · r_k^β / Σ r^β (u = ``FOCUS_UNIFORM``)."""
-        w = self.focus_ratios().clamp_min(1e-6) ** float(self.opts["retain_focus"])
-        K = len(w)
-        return (1.0 - FOCUS_UNIFORM) / K + FOCUS_UNIFORM * w / w.sum()
-
-    def _focus_update(self, labels, t, per_row):
-        """Fold one step's per-row retain losses (detached) into the per-class decayed averages."""
-        f = self.focus
-        labels, t, per_row = labels.cpu(), t.cpu(), per_row.detach().double().cpu()
-        ok = torch.isfinite(per_row)
-        if not ok.all():
-            labels, t, per_row = labels[ok], t[ok], per_row[ok]
-        cls = torch.tensor([f["index"][int(k)] for k in labels], dtype=torch.long)
-        b = (torch.bucketize(t, f["edges"][1:-1], right=True)).clamp(0, FOCUS_BINS - 1)
-        r = per_row / f["base"][cls, b]
-        K = len(f["classes"])
-        self.focus_sum.mul_(FOCUS_DECAY).index_add_(0, cls, r)
-        self.focus_n.mul_(FOCUS_DECAY).index_add_(0, cls, torch.ones_like(r))
 
     def _eps_base(self, x, t, cond):
         """ε of the model at setup (no update yet), in eval mode."""
@@ -575,13 +499,7 @@ class EraseDiff(Method):
         """Every random quantity of one step, drawn from ``gen`` in a fixed order."""
         run, B, T = self.run, self.run.batch_size, self.run.num_train_timesteps
         Br = self.opts["retain_batch_size"] or B
-        if self.focus is None:
-            keep = run.retain_batch(gen, Br)
-        else:  # loss-aware: classes from focus_probs (a function of the history), then a row of each class
-            f = self.focus
-            cls = torch.multinomial(self.focus_probs(), Br, replacement=True, generator=gen)
-            pick = torch.randint(0, 2**62, (Br,), generator=gen)
-            keep = run._take(run.retain, f["order"][f["offset"][cls] + pick % f["counts"][cls]])
+        keep = run.retain_batch(gen, Br)
         forget = run.forget_batch(gen, B)
 
         def timesteps(n):
@@ -628,10 +546,6 @@ class EraseDiff(Method):
         else:
             with torch.no_grad():
                 target_f = run.denoiser(x_f.to(run.dtype), t_f, relabel)
-        if self.focus is not None:  # per-row retain losses for the sampling statistics only (no extra forward)
-            with torch.no_grad():
-                per_row = ((pred_r.detach().float() - noise_r.float()) ** 2).flatten(1).mean(1)
-            self._focus_update(keep.cond, d["t"], per_row)
         return ops.mse_loss(pred_r, noise_r), ops.mse_loss(pred_f, target_f.detach())
 
     def step(self, step, gen):
@@ -659,9 +573,6 @@ class EraseDiff(Method):
             stats = {"grad_norm_r": math.sqrt(max(nr2, 0.0)), "grad_norm_f": math.sqrt(max(nf2, 0.0)),
                      "grad_cos": dot / (math.sqrt(max(nr2, 0.0) * max(nf2, 0.0)) + 1e-8),
                      "grad_norm": math.sqrt(max(norm_sq, 0.0)), "clip": clip}
-        if self.focus is not None:  # the most-pulled kept class's running loss ratio and draw probability
-            stats = {**stats, "focus_ratio_max": float(self.focus_ratios().max()),
-                     "focus_prob_max": float(self.focus_probs().max())}
         return {"loss": loss_r.item() + lam * loss_f.item(), "loss_r": loss_r.item(), "loss_f": loss_f.item(),
                 "lambd": lam, **stats}
 
@@ -674,20 +585,13 @@ class EraseDiff(Method):
         return len(recent) == STOP_WINDOW and sum(recent) / STOP_WINDOW <= self.forget_tol * self.forget_loss_start
 
     # The EMA copy travels with checkpoints, so a resumed run ends with the same EMA weights.
-    # So do the loss-aware sampling's per-class averages, so a resumed run draws the same retain rows.
     def state_dict(self):
-        state = {"ema": list(self.ema)} if self.ema is not None else {}
-        if self.focus is not None:
-            state["focus"] = [self.focus_sum.clone(), self.focus_n.clone()]
-        return state
+        return {"ema": list(self.ema)} if self.ema is not None else {}
 
     def load_state_dict(self, state):
         if state and self.ema is not None:
             for e, v in zip(self.ema, state["ema"]):
                 e.copy_(v)
-        if state and self.focus is not None and "focus" in state:
-            self.focus_sum.copy_(state["focus"][0])
-            self.focus_n.copy_(state["focus"][1])
 
     def finish(self, result):
         """With the EMA on, the result is the EMA copy (the official code samples and saves it)."""
@@ -697,9 +601,6 @@ class EraseDiff(Method):
             result.extras["relabel"] = int(self.others[0])
             if hasattr(self, "relabel_distances"):
                 result.extras["relabel_distances"] = self.relabel_distances
-        if self.focus is not None:
-            result.extras["retain_focus_ratios"] = {int(k): round(float(r), 4) for k, r in
-                                                    zip(self.focus["classes"], self.focus_ratios())}
         result.extras["ema"] = self.ema_decay if self.ema is not None else None
         if self.generated:  # what setup generated (fastunlearn.generation): rows, steps, UNet evaluations, cache
             result.extras["generated"] = {k: r.as_dict() for k, r in self.generated.items()}
