@@ -193,6 +193,24 @@ def test_stopping_rule_ends_the_run_and_resumes_exactly(tiny, digits_split, tmp_
     assert len(again.history) == 4 and all(torch.equal(ref[k], v) for k, v in again.model.state_dict().items())
 
 
+def test_retain_batch_size_draws_more_retain_rows_sharing_the_forget_timesteps(tiny, digits_split):
+    """retain_batch_size: that many retain rows per step; the first batch-size ones share the forget rows' t, and
+    the step's L_r is the mean over all of them. None (default) draws exactly what the official sampling draws."""
+    forget, retain = digits_split
+    run = _run(tiny, forget, retain, B=4)
+    d = _method(run, retain_batch_size=10).draw(step_generator(0, 3))
+    assert d["keep"].x0.shape[0] == 10 == d["t"].shape[0] and d["forget"].x0.shape[0] == 4
+    assert torch.equal(d["t"][:4], d["t_f"])
+    m = _method(run, retain_batch_size=10, max_grad_norm=None)
+    model = copy.deepcopy(run.model)
+    gamma, sigma = run.gamma_sigma(d["t"])
+    x_r = gamma.view(-1, 1, 1, 1) * d["keep"].x0 + sigma.view(-1, 1, 1, 1) * d["noise_r"]
+    l_r = ((model(x_r, d["t"], class_labels=d["keep"].cond).sample - d["noise_r"]) ** 2).mean()
+    assert m.step(3, step_generator(0, 3))["loss_r"] == pytest.approx(l_r.item(), rel=1e-4)
+    a, b = _method(run).draw(step_generator(0, 3)), _method(run, retain_batch_size=4).draw(step_generator(0, 3))
+    assert all(torch.equal(a[k], b[k]) for k in ("t", "noise_r", "noise_f")) and torch.equal(a["keep"].x0, b["keep"].x0)
+
+
 def test_ema_copy_is_what_the_result_holds(tiny, digits_split):
     """ema=μ: ema ← μ·ema + (1 − μ)·θ after every optimizer step, starting from the input weights, and the
     result's weights are the EMA copy (the official DDPM code samples and saves it)."""
@@ -337,6 +355,7 @@ def test_unconditional_model_needs_the_uniform_target(make_tiny_unet, digits_spl
     (dict(forget_tol=1.0), "forget_tol"),
     (dict(forget_tol=-0.1), "forget_tol"),
     (dict(forget_tol=0.2, forget_target="uniform"), "forget_tol"),  # no L_f(θ_0) to compare with
+    (dict(retain_batch_size=0), "retain_batch_size"),
     (dict(lamda=0.1), "lamda"),
 ])
 def test_bad_options_name_the_option(tiny, digits_split, opts, name):
