@@ -3,8 +3,9 @@
 A result folder holds ``unet/`` (diffusers ``save_pretrained``, safetensors: the model a diffusers user
 samples), ``scheduler/``, ``README.md`` (a model card) and ``fastunlearn.json`` (method, options, versions,
 seconds, peak memory of the set-up, of training and the larger of the two, the training noise schedule). A LoRA
-run holds ``pytorch_lora_weights.safetensors`` (diffusers' LoRA file) and the full weights only when needed. ``save(..., pipeline=True)`` also writes the
-input pipeline's other components and ``model_index.json``: ``DiffusionPipeline.from_pretrained(dir)`` loads it.
+run holds ``pytorch_lora_weights.safetensors`` (diffusers' LoRA file) and the full weights only when needed.
+``save(..., pipeline=True)`` also writes the input pipeline's other components and ``model_index.json``:
+``DiffusionPipeline.from_pretrained(dir)`` loads it.
 
 SFD: ``unet/`` (and the LoRA file) is the one-step generator G_θ, ``scheduler/`` a one-step configuration of
 diffusers' ``EulerDiscreteScheduler`` that samples it exactly as ``sample_one_step`` does (see

@@ -178,12 +178,12 @@ class Trainer:
             offload.move_encoders(self.model_arg)
             # Two peaks: the set-up's (the run's UNet next to the text encoders and VAE that encode its data) and
             # training's (what the planner plans, the encoders gone); on the CPU both read the process's peak so far.
-            self.setup_peak = _peak_memory(run.device)
+            setup_peak = _peak_memory(run.device)
             if run.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(run.device)
             with self.switched_on(run, m) as dp:
                 history = self._train(run, m, dp)
-            return self._result(run, m, history, dp, time.perf_counter() - t_start)
+            return self._result(run, m, history, dp, time.perf_counter() - t_start, setup_peak)
 
     def build(self, device, share_input: bool = True):
         """The run (a copy of the model, the data as tensors) and the method, set up. ``share_input``: see ``Run``."""
@@ -254,7 +254,7 @@ class Trainer:
                     on_step_end=(lambda step, h: [f(step, h) for f in hooks]) if hooks else None,
                     agree=dp.agree if dp is not None else None)
 
-    def _result(self, run, m, history: list, dp, seconds: float) -> Result:
+    def _result(self, run, m, history: list, dp, seconds: float, setup_peak: int) -> Result:
         c = self.cfg
         train_peak = _peak_memory(run.device)
         meta = {
@@ -262,7 +262,7 @@ class Trainer:
             "steps": len(history), "max_steps": c.steps,  # steps run: fewer than the cap when a stopping rule ended it
             "batch_size": c.batch_size, "lr": c.lr, "seed": c.seed, "optimizer": c.optimizer,
             "lora_rank": c.lora_rank, "runtime": self.rt.as_dict(), "seconds": round(seconds, 3),
-            "peak_memory_bytes": max(self.setup_peak, train_peak), "setup_peak_memory_bytes": self.setup_peak,
+            "peak_memory_bytes": max(setup_peak, train_peak), "setup_peak_memory_bytes": setup_peak,
             "train_peak_memory_bytes": train_peak, "forget": repr(self.forget)[:500],
             "skipped_steps": sum(1 for h in history if h.get("skipped")),
             "resumed_from_step": self.ckpt.resumed_from if self.ckpt is not None else None,

@@ -528,16 +528,15 @@ class EraseDiff(Method):
         """(L_r, L_f) from one concatenated forward; the relabel target from a separate no-grad forward
         (it needs no activations kept for backward, so batching it in would only cost memory)."""
         run = self.run
-        t_f = d.get("t_f", d["t"])
         keep, forget, t, t_f, noise_r, noise_f, relabel = run.to_device(
-            d["keep"], d["forget"], d["t"], t_f, d["noise_r"], d["noise_f"], d["relabel"])
+            d["keep"], d["forget"], d["t"], d["t_f"], d["noise_r"], d["noise_f"], d["relabel"])
 
-        def noised(x0, noise, steps):
+        def noised(x0, noise, steps):  # steps: the host copy (the schedule's table is read on the host)
             gamma, sigma = run.gamma_sigma(steps)
             return run.bview(gamma.to(run.device), noise) * x0 + run.bview(sigma.to(run.device), noise) * noise
 
         x_r = noised(keep.x0, noise_r, d["t"])
-        x_f = noised(forget.x0, noise_f, d.get("t_f", d["t"]))
+        x_f = noised(forget.x0, noise_f, d["t_f"])
         B = x_r.shape[0]
         pred = run.denoiser(torch.cat([x_r, x_f]).to(run.dtype), torch.cat([t, t_f]), cat_cond(keep.cond, forget.cond))
         pred_r, pred_f = pred[:B], pred[B:]
