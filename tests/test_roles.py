@@ -95,6 +95,49 @@ def test_switching_roles_turns_the_right_adapters_on_and_off(tiny):
         roles.eps("student", x, t, c)
 
 
+def _modes_during(roles, role, train=False):
+    """Every module's training flag while ``role`` runs (a forward pre-hook on the model), and after."""
+    seen = {}
+    model = roles.model
+    h = model.register_forward_pre_hook(lambda m, a: seen.update(during={n: x.training for n, x in m.named_modules()}))
+    try:
+        x, t, c = _inputs()
+        with torch.no_grad():
+            roles.eps(role, x, t, c, train=train)
+    finally:
+        h.remove()
+    return seen["during"], {n: x.training for n, x in model.named_modules()}
+
+
+@pytest.mark.parametrize("lora_rank", [None, 2])
+def test_a_role_call_sets_every_module_mode_and_restores_it(tiny, lora_rank):
+    run = _run(tiny, lora_rank=lora_rank)
+    roles = _sfd_roles(run)
+    assert run.model.training
+    during, after = _modes_during(roles, "teacher", train=True)  # the teacher always runs in eval mode
+    assert not any(during.values()) and all(after.values())
+    during, after = _modes_during(roles, "fake_score", train=True)
+    assert all(during.values()) and all(after.values())
+    run.model.eval()
+    during, after = _modes_during(roles, "generator", train=True)
+    assert all(during.values()) and not any(after.values())
+
+
+def test_a_module_with_its_own_train_gets_its_own_train_called(tiny):
+    run = _run(tiny, lora_rank=2)
+    calls = []
+
+    class Logged(torch.nn.Identity):
+        def train(self, mode=True):
+            calls.append(mode)
+            return super().train(mode)
+
+    run.model.add_module("logged", Logged())
+    roles = _sfd_roles(run)
+    _modes_during(roles, "teacher")
+    assert calls == [False, True]  # model.train() reached it: into eval for the call, back to train after
+
+
 def test_copies_evaluate_like_separate_models(tiny):
     run = _run(tiny)
     roles = _sfd_roles(run)

@@ -591,14 +591,19 @@ def replay_no_grad_calls(model_cls, tracker: "BatchLines"):
     """
     forward = model_cls.forward
     recorded: dict = {}
+    listed: dict = {}  # id(module) -> (its modules, its peft layers): a trace does not add modules to a network
 
     def signature(module, args, kwargs):
         leaves, spec = tree_flatten((args, kwargs))
         shapes = tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else
                        (type(x).__name__, x if isinstance(x, (int, float, str, bool, type(None))) else id(x))
                        for x in leaves)
-        state = tuple((m.training, getattr(m, "_disable_adapters", None), str(getattr(m, "_active_adapter", None)))
-                      for m in module.modules())
+        mods = listed.get(id(module))
+        if mods is None:
+            every = list(module.modules())
+            mods = listed[id(module)] = (every, [m for m in every if isinstance(m, BaseTunerLayer)])
+        state = (tuple([m.training for m in mods[0]]),
+                 tuple([(m._disable_adapters, str(m._active_adapter)) for m in mods[1]]))
         return (id(module), str(spec), shapes, state, torch.is_autocast_enabled("cpu"),
                 torch.get_autocast_dtype("cpu"))
 
