@@ -180,6 +180,7 @@ from ..generation import chunk_rows, generate, uses_guidance
 from .esd import PARAM_SUBSETS, apply_param_subset, encode_prompts
 
 FORGET_TARGETS = ("relabel", "uniform")
+RETAIN_TARGETS = ("noise", "frozen")
 MAX_GENERATE = 65536  # generated images per side: a typo (1e6) would cost days, not a clear error
 DEFAULT_FORGET_TOL = 0.2  # the stopping rule's tolerance (module docstring: measured on every digit)
 STOP_WINDOW = 20  # steps whose mean L_f the stopping rule reads
@@ -249,6 +250,10 @@ class EraseDiffOptions(Options):
         None, "retain rows per step (None: the batch size, as the forget rows and the official code); more rows "
         "give L_r a lower-variance gradient. The first batch-size retain rows share the forget rows' timesteps",
         integer(allow_none=True, lo=1))
+    retain_target: str = option(
+        "noise", "the target of the retain term: 'noise' (ε, Eq. (1) as in the paper and the official code) or "
+        "'frozen' (the input model's prediction on the same noisy retain rows, no gradient: L_r is 0 at the input "
+        "weights; one extra no-grad forward of the retain rows per step)", one_of(*RETAIN_TARGETS))
     ema: Union[None, str, float] = option(
         None, "EMA of the weights: None (off), 'official' (0.99 on pixel models, off on text models) or a decay",
         _check_ema)
@@ -312,7 +317,15 @@ class EraseDiff(Method):
                             "data onto another class or prompt, and this model has none)", "relabel")
         apply_param_subset(run, o["params"])
         self._size_generation()
-        self.teacher = Roles(run).network("teacher") if run.lora_rank is not None else None  # adapters off
+        self.frozen = None  # ε of the input model for retain_target="frozen"
+        if o["retain_target"] == "frozen":
+            # the frozen input model (fastunlearn.roles): the adapters off with LoRA, else a snapshot of the trained
+            # tensors taken now, before any update; declared as the method's roles so runtime casts the snapshot
+            self.roles = Roles(run)
+            self.frozen = self.roles.network("teacher")
+            self.teacher = self.frozen if run.lora_rank is not None else None
+        else:
+            self.teacher = Roles(run).network("teacher") if run.lora_rank is not None else None  # adapters off
         self._data_seed = run.seed * 7919 + 17  # generated data: fixed per run, so a resumed run sees the same
         forget = run.forget_target
         self.forgotten = None  # class ids the relabel target must avoid
@@ -545,6 +558,10 @@ class EraseDiff(Method):
         else:
             with torch.no_grad():
                 target_f = run.denoiser(x_f.to(run.dtype), t_f, relabel)
+        if self.frozen is not None:  # retain_target="frozen": the input model's ε on the same rows
+            with torch.no_grad():
+                target_r = self.frozen(x_r.to(run.dtype), t, keep.cond)
+            return ops.mse_loss(pred_r, target_r.detach()), ops.mse_loss(pred_f, target_f.detach())
         return ops.mse_loss(pred_r, noise_r), ops.mse_loss(pred_f, target_f.detach())
 
     def step(self, step, gen):
@@ -596,6 +613,7 @@ class EraseDiff(Method):
         """With the EMA on, the result is the EMA copy (the official code samples and saves it)."""
         result.extras["forget_target"] = self.forget_target
         result.extras["params"] = self.opts["params"]
+        result.extras["retain_target"] = self.opts["retain_target"]
         if getattr(self, "others", None) is not None and len(self.others) == 1:
             result.extras["relabel"] = int(self.others[0])
             if hasattr(self, "relabel_distances"):
