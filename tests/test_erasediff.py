@@ -243,6 +243,29 @@ def test_frozen_retain_target_is_the_input_models_prediction(tiny, digits_split,
     assert want.item() > 1e-6 and loss_r.item() == pytest.approx(want.item(), rel=1e-4)
 
 
+@pytest.mark.parametrize("lora_rank", [None, 2])
+def test_frozen_retain_target_runs_and_resumes_exactly(tiny, digits_split, tmp_path, monkeypatch, lora_rank):
+    """Through erase(): L_r starts at 0, and a killed run resumes to the same weights (the frozen target is the input
+    model's, taken at setup before the checkpoint is restored)."""
+    from helpers.runs import crash_at
+
+    forget, retain = digits_split
+    unet, sched = tiny
+    kw = dict(forget=forget, retain=retain, method="erasediff", scheduler=sched, steps=4, batch_size=2, forget_tol=0,
+              retain_target="frozen", lora_rank=lora_rank, progress=False)
+    reference = fu.erase(unet, **kw)
+    assert reference.extras["retain_target"] == "frozen" and reference.history[0]["loss_r"] <= 1e-10
+    assert reference.history[-1]["loss_r"] > 0
+    undo = crash_at(monkeypatch, "erasediff", 3)
+    with pytest.raises(KeyboardInterrupt):
+        fu.erase(unet, output_dir=tmp_path, checkpoint_every=2, **kw)
+    undo()
+    resumed = fu.erase(unet, output_dir=tmp_path, resume=True, **kw)
+    assert resumed.meta["resumed_from_step"] == 2
+    ref, got = reference.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
 def test_default_retain_target_is_the_noise(tiny, digits_split):
     """retain_target="noise" (default): L_r = MEAN‖ε − ε_θ‖² as before (Eq. (1)); no frozen copy is made."""
     forget, retain = digits_split
