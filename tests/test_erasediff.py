@@ -14,10 +14,11 @@ from fastunlearn.methods.erasediff import DEFAULT_FORGET_TOL, STOP_WINDOW, adapt
 from fastunlearn.run import Run, step_generator
 
 
-def _run(tiny, forget, retain, B=8, forget_target=None, retain_target=None):
+def _run(tiny, forget, retain, B=8, forget_target=None, retain_target=None, lora_rank=None):
     unet, sched = tiny
     return Run(unet, sched, forget=(forget.images, forget.labels), retain=(retain.images, retain.labels),
-               forget_target=forget_target or forget, retain_target=retain_target or retain, batch_size=B, seed=0)
+               forget_target=forget_target or forget, retain_target=retain_target or retain, batch_size=B, seed=0,
+               lora_rank=lora_rank)
 
 
 def _method(run, **opts):
@@ -211,6 +212,75 @@ def test_retain_batch_size_draws_more_retain_rows_sharing_the_forget_timesteps(t
     assert all(torch.equal(a[k], b[k]) for k in ("t", "noise_r", "noise_f")) and torch.equal(a["keep"].x0, b["keep"].x0)
 
 
+@pytest.mark.parametrize("lora_rank", [None, 2])
+def test_frozen_retain_target_is_the_input_models_prediction(tiny, digits_split, lora_rank):
+    """retain_target="frozen": L_r = MEAN‖ε_θ0(x_t^r, t, c_r) − ε_θ(x_t^r, t, c_r)‖², θ0 the input weights (LoRA: the
+    adapters off; else a snapshot taken at setup). At θ = θ0 it and its gradient are 0; after an update it is the
+    distance to the untouched input model on the same draws, which do not depend on the option."""
+    forget, retain = digits_split
+    run = _run(tiny, forget, retain, lora_rank=lora_rank)
+    m = _method(run, retain_target="frozen", max_grad_norm=None)
+    assert "teacher" in m.roles.names
+    d = m.draw(step_generator(0, 2))
+    ref = _method(_run(tiny, forget, retain), retain_target="noise").draw(step_generator(0, 2))
+    assert all(torch.equal(d[k], ref[k]) for k in ("t", "t_f", "noise_r", "noise_f", "relabel"))
+    params = m.trainable_parameters()
+    loss_r, _ = m.losses(d)  # 0 up to float noise: the trained forward batches the retain and forget rows together
+    assert loss_r.item() <= 1e-10
+    grads = torch.autograd.grad(loss_r, params, allow_unused=True)
+    assert all(g is None or g.abs().max().item() <= 1e-6 for g in grads)  # the noise target's: ~1e-1
+    with torch.no_grad():  # an update: the target stays the input model's prediction
+        gen = torch.Generator().manual_seed(1)
+        for p in params:
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    gamma, sigma = run.gamma_sigma(d["t"])
+    x_r = gamma.view(-1, 1, 1, 1) * d["keep"].x0 + sigma.view(-1, 1, 1, 1) * d["noise_r"]
+    unet, _ = tiny
+    with torch.no_grad():
+        want = ((run.model(x_r, d["t"], class_labels=d["keep"].cond).sample
+                 - unet(x_r, d["t"], class_labels=d["keep"].cond).sample) ** 2).mean()
+    loss_r, _ = m.losses(d)
+    assert want.item() > 1e-6 and loss_r.item() == pytest.approx(want.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("lora_rank", [None, 2])
+def test_frozen_retain_target_runs_and_resumes_exactly(tiny, digits_split, tmp_path, monkeypatch, lora_rank):
+    """Through erase(): L_r starts at 0, and a killed run resumes to the same weights (the frozen target is the input
+    model's, taken at setup before the checkpoint is restored)."""
+    from helpers.runs import crash_at
+
+    forget, retain = digits_split
+    unet, sched = tiny
+    kw = dict(forget=forget, retain=retain, method="erasediff", scheduler=sched, steps=4, batch_size=2, forget_tol=0,
+              retain_target="frozen", lora_rank=lora_rank, progress=False)
+    reference = fu.erase(unet, **kw)
+    assert reference.extras["retain_target"] == "frozen" and reference.history[0]["loss_r"] <= 1e-10
+    assert reference.history[-1]["loss_r"] > 0
+    undo = crash_at(monkeypatch, "erasediff", 3)
+    with pytest.raises(KeyboardInterrupt):
+        fu.erase(unet, output_dir=tmp_path, checkpoint_every=2, **kw)
+    undo()
+    resumed = fu.erase(unet, output_dir=tmp_path, resume=True, **kw)
+    assert resumed.meta["resumed_from_step"] == 2
+    ref, got = reference.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_default_retain_target_is_the_noise(tiny, digits_split):
+    """retain_target="noise" (default): L_r = MEAN‖ε − ε_θ‖² as before (Eq. (1)); no frozen copy is made."""
+    forget, retain = digits_split
+    run = _run(tiny, forget, retain)
+    m = _method(run)
+    assert m.frozen is None and "teacher" not in m.roles.names
+    d = m.draw(step_generator(0, 4))
+    model = copy.deepcopy(run.model)
+    l_r, l_f = _hand_losses(model, run, d, "relabel")
+    loss_r, loss_f = m.losses(d)
+    assert loss_r.item() == pytest.approx(l_r.item(), rel=1e-5) and loss_f.item() == pytest.approx(l_f.item(), rel=1e-5)
+    e = _method(_run(tiny, forget, retain), retain_target="noise")
+    assert torch.equal(e.losses(e.draw(step_generator(0, 4)))[0], loss_r)
+
+
 def test_ema_copy_is_what_the_result_holds(tiny, digits_split):
     """ema=μ: ema ← μ·ema + (1 − μ)·θ after every optimizer step, starting from the input weights, and the
     result's weights are the EMA copy (the official DDPM code samples and saves it)."""
@@ -356,6 +426,8 @@ def test_unconditional_model_needs_the_uniform_target(make_tiny_unet, digits_spl
     (dict(forget_tol=-0.1), "forget_tol"),
     (dict(forget_tol=0.2, forget_target="uniform"), "forget_tol"),  # no L_f(θ_0) to compare with
     (dict(retain_batch_size=0), "retain_batch_size"),
+    (dict(retain_target="teacher"), "retain_target"),
+    (dict(retain_target=None), "retain_target"),
     (dict(lamda=0.1), "lamda"),
 ])
 def test_bad_options_name_the_option(tiny, digits_split, opts, name):
