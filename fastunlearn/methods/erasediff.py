@@ -105,9 +105,9 @@ training losses themselves: no extra forward; the window averages out the random
 ``forget_tol`` × L_f(θ_0), L_f(θ_0) being the relabel class's distance measured at setup (the mean over the other
 classes for ``relabel="batch"``/``"row"``). The decision reads only the history, so a resumed run stops where an
 uninterrupted one does; ``Result.meta["steps"]`` is the steps run and ``Result.extras["stopped_at"]`` the stop.
-With the noise retain target the default is ``forget_tol=0.2`` (0.15 with the frozen one, below): on digit 8, L_f / L_f(θ_0) is about 0.6 at step 100 (63% of the samples still
-eights), 0.4 at step 150 (13%), 0.2 at step 200 (0%), and then levels off near 0.1 (the retain term and the
-moving target balance), so a much smaller tolerance would run to the cap every time. The cap, 400 steps, is above
+With the noise retain target the default is ``forget_tol=0.2`` (0.15 with the frozen one, below): on digit 8,
+L_f / L_f(θ_0) is about 0.6 at step 100 (63% of the samples still eights), 0.4 at step 150 (13%), 0.2 at step 200
+(0%), and then levels off near 0.1 (the retain term and the moving target balance), so a much smaller tolerance would run to the cap every time. The cap, 400 steps, is above
 the slowest digit's stop (digit 1, 346 steps). ``forget_tol=0`` runs every step (the official fixed schedule;
 with it the default is 150 steps, so ``forget_tol=0`` alone is the former default). The rule is on by default
 only where L_f(θ_0) is measured and L_f's minimum is 0: class-conditional models with the relabel target (on text
@@ -178,7 +178,8 @@ model at setup (before any update), or, with ``lora_rank``, from the same model 
 Defaults, tuned on the bundled digits model (forget digit 3's 183 images, retain the other 1,614, with
 ``relabel=0``, the class ``"auto"`` picks there): Adam (official), batch 32 per set, lr 5e-5, λ = 0.1 (the DDPM
 value), η 0.1, clip 1.0 (DDPM); 150 steps, or at most 400 with the stopping rule (class models, where λ, the retain
-target and ``forget_tol`` are ``CLASS_RECIPE``'s, above). The λ measurements below are of the noise target. Measured (100 samples per digit), λ at 150 steps of lr 5e-5: 0.1: 1% threes, the other digits keep 100.5% of
+target and ``forget_tol`` are ``CLASS_RECIPE``'s, above). The λ measurements below are of the noise target.
+Measured (100 samples per digit), λ at 150 steps of lr 5e-5: 0.1: 1% threes, the other digits keep 100.5% of
 their rate on average, the worst 97.8%; 1.0 (the SD shell scripts' value): 1%, 97.0%, worst 91.4% (digit 0, the
 relabel target); with ``relabel=8``, λ 0.1 … 1.0 all reach 0-1% while the worst digit goes from 94.9% to 91.8%.
 Other schedules at λ = 1: lr 1e-4 × 100 steps forgot as well but kept the weakest digit at 0.87 of its rate; 3e-5 ×
