@@ -105,14 +105,14 @@ training losses themselves: no extra forward; the window averages out the random
 ``forget_tol`` × L_f(θ_0), L_f(θ_0) being the relabel class's distance measured at setup (the mean over the other
 classes for ``relabel="batch"``/``"row"``). The decision reads only the history, so a resumed run stops where an
 uninterrupted one does; ``Result.meta["steps"]`` is the steps run and ``Result.extras["stopped_at"]`` the stop.
-With the noise retain target the default is ``forget_tol=0.2`` (0.15 with the frozen one, below): on digit 8,
-L_f / L_f(θ_0) is about 0.6 at step 100 (63% of the samples still eights), 0.4 at step 150 (13%), 0.2 at step 200
-(0%), and then levels off near 0.1 (the retain term and the moving target balance), so a much smaller tolerance
-would run to the cap every time. The cap, 400 steps, is above the slowest digit's stop (digit 1, 346 steps).
-``forget_tol=0`` runs every step (the official fixed schedule; with it the default is 150 steps, so ``forget_tol=0`` alone is the former default). The rule is on by default
-only where L_f(θ_0) is measured and L_f's minimum is 0: class-conditional models with the relabel target (on text
-models, or with the uniform target whose minimum is the noise's variance, ``forget_tol`` must be None or 0; those
-run the 150-step schedule, ``defaults_for``).
+With the noise retain target the default is ``forget_tol=0.2`` (0.15 with the frozen one, below): on digit 8, L_f /
+L_f(θ_0) is about 0.6 at step 100 (63% of the samples still eights), 0.4 at step 150 (13%), 0.2 at step 200 (0%),
+and then levels off near 0.1 (the retain term and the moving target balance), so a much smaller tolerance would run
+to the cap every time. The cap, 400 steps, is above the slowest digit's stop (digit 1, 346 steps). ``forget_tol=0``
+runs every step (the official fixed schedule; with it the default is 150 steps, so ``forget_tol=0`` alone is the
+former default). The rule is on by default only where L_f(θ_0) is measured and L_f's minimum is 0: class-conditional
+models with the relabel target (on text models, or with the uniform target whose minimum is the noise's variance,
+``forget_tol`` must be None or 0; those run the 150-step schedule, ``defaults_for``).
 Measured with the defaults on every digit (``benchmarks/method_checks.py erasediff-sweep``;
 ``benchmarks/results/erasediff_sweep.md``): 0-1% on eight digits, but digit 2 stops at 4% (3% at 300 samples per
 label) and forgetting 7 keeps digit 1 at 93.0% of its rate (92.8% at 300); the mean kept rate is 98.3-100.6%.
