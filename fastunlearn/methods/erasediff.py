@@ -113,7 +113,7 @@ runs every step (the official fixed schedule; with it the default is 150 steps, 
 former default). The rule is on by default only where L_f(θ_0) is measured and L_f's minimum is 0: class-conditional
 models with the relabel target (on text models, or with the uniform target whose minimum is the noise's variance,
 ``forget_tol`` must be None or 0; those run the 150-step schedule, ``defaults_for``).
-Measured with the defaults on every digit (``benchmarks/method_checks.py erasediff-sweep``;
+Measured with the former defaults (noise target, 0.2) on every digit (``benchmarks/method_checks.py erasediff-sweep``;
 ``benchmarks/results/erasediff_sweep.md``): 0-1% on eight digits, but digit 2 stops at 4% (3% at 300 samples per
 label) and forgetting 7 keeps digit 1 at 93.0% of its rate (92.8% at 300); the mean kept rate is 98.3-100.6%.
 Tolerances 0.15 and 0.1 reach ≤ 2% everywhere but cost look-alike kept digits more (5 when forgetting 3 or 6, 1
