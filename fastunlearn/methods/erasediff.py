@@ -357,15 +357,16 @@ class EraseDiff(Method):
         frozen_target = self.retain_target == "frozen"
         self.lambd = float(o["lambd"] if o["lambd"] is not None else
                            CLASS_RECIPE["lambd"] if frozen_target else DDPM_LAMBD)
-        self.frozen = None  # ε of the input model for retain_target="frozen"
-        if frozen_target:
-            # the frozen input model (fastunlearn.roles): the adapters off with LoRA, else a snapshot of the trained
-            # tensors taken now, before any update; declared as the method's roles so runtime casts the snapshot
+        # The frozen input model (fastunlearn.roles), for the frozen retain target and, with LoRA, for generating
+        # data: the adapters off with LoRA, else a snapshot of the trained tensors taken now, before any update;
+        # declared as the method's roles so runtime casts the snapshot.
+        lora = run.lora_rank is not None
+        teacher = None
+        if frozen_target or lora:
             self.roles = Roles(run)
-            self.frozen = self.roles.network("teacher")
-            self.teacher = self.frozen if run.lora_rank is not None else None
-        else:
-            self.teacher = Roles(run).network("teacher") if run.lora_rank is not None else None  # adapters off
+            teacher = self.roles.network("teacher")
+        self.frozen = teacher if frozen_target else None  # ε of the input model for the retain term
+        self.teacher = teacher if lora else None
         self._data_seed = run.seed * 7919 + 17  # generated data: fixed per run, so a resumed run sees the same
         forget = run.forget_target
         self.forgotten = None  # class ids the relabel target must avoid
